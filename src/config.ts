@@ -1,0 +1,161 @@
+import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+
+// The config file is YAML. Every object is strict: a misspelt key stops the program with
+// the file and the key's path in the message, rather than silently meaning "default".
+
+const port = z.number().int().min(1).max(65535);
+const tlsMode = z.enum(['none', 'starttls', 'implicit']);
+
+const certPair = z.strictObject({ cert: z.string(), key: z.string() });
+
+const listener = z
+  .strictObject({
+    name: z.string().optional(),
+    protocol: z.enum(['imap', 'pop3', 'lmtp']),
+    address: z.string().default('127.0.0.1'),
+    port: port.optional(),
+    /** LMTP only: listen on a unix socket instead of (or as well as) TCP. */
+    path: z.string().optional(),
+    tls: tlsMode.default('none'),
+    cert: z.string().optional(),
+    key: z.string().optional(),
+    /** Extra certificates chosen by the name the client asks for (SNI). */
+    sni: z.record(z.string(), certPair).optional(),
+    min_tls_version: z.enum(['TLSv1.2', 'TLSv1.3']).default('TLSv1.2'),
+    /** Allow LOGIN / USER+PASS / AUTH PLAIN before TLS. Defaults to true only where there is no TLS at all. */
+    plaintext_auth: z.boolean().optional(),
+    max_connections: z.number().int().positive().default(20000),
+  })
+  .superRefine((l, ctx) => {
+    if (l.port === undefined && l.path === undefined) ctx.addIssue({ code: 'custom', message: 'needs a port (or a path for lmtp)' });
+    if (l.path !== undefined && l.protocol !== 'lmtp') ctx.addIssue({ code: 'custom', path: ['path'], message: 'only lmtp listeners take a unix socket path' });
+    if (l.tls !== 'none' && (!l.cert || !l.key)) ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls: ${l.tls} needs cert and key` });
+  });
+
+const backendTls = z.strictObject({
+  mode: tlsMode.default('none'),
+  /** CA bundle that signs the backends' certificates; the system store when absent. */
+  ca: z.string().optional(),
+  /** Name to check the certificate against; the slot's host when absent. */
+  servername: z.string().optional(),
+  verify: z.boolean().default(true),
+});
+
+const schema = z.strictObject({
+  listeners: z.array(listener).min(1),
+  lookup: z
+    .strictObject({
+      /** The embedded default: routes from a YAML file, watched for changes. */
+      file: z.string().optional(),
+      redis: z
+        .strictObject({
+          url: z.string().default('redis://127.0.0.1:6379'),
+          prefix: z.string().default('ms:'),
+          command_timeout_ms: z.number().int().positive().default(2000),
+        })
+        .optional(),
+      default_domain: z.string().optional(),
+      cache_users: z.number().int().positive().default(1_000_000),
+      max_stale_ms: z.number().int().nonnegative().default(5000),
+    })
+    .superRefine((l, ctx) => {
+      if (!l.file === !l.redis) ctx.addIssue({ code: 'custom', message: 'set exactly one of lookup.file or lookup.redis' });
+    }),
+  limits: z
+    .strictObject({
+      line_length: z.number().int().min(512).default(8192),
+      literal_size: z.number().int().min(256).default(8192),
+      bad_commands: z.number().int().positive().default(10),
+      preauth_commands: z.number().int().positive().default(50),
+      auth_failures: z.number().int().positive().default(3),
+      login_timeout_ms: z.number().int().positive().default(60_000),
+      connections_per_ip: z.number().int().positive().default(500),
+      /** Failed logins one client IP may have per minute before it is turned away. */
+      auth_failures_per_ip_per_minute: z.number().int().positive().default(60),
+    })
+    .prefault({}),
+  backend: z
+    .strictObject({
+      connect_timeout_ms: z.number().int().positive().default(5000),
+      login_timeout_ms: z.number().int().positive().default(15_000),
+      tls: backendTls.prefault({}),
+      /** Send the client's address to IMAP backends with ID (Dovecot's login_trusted_networks). */
+      forward_client_ip: z.boolean().default(false),
+    })
+    .prefault({}),
+  lmtp: z
+    .strictObject({
+      hostname: z.string().default('mailsplice'),
+      max_message_size: z.number().int().positive().default(50 * 1024 * 1024),
+      max_recipients: z.number().int().positive().default(1000),
+      timeout_ms: z.number().int().positive().default(120_000),
+      spool_dir: z.string().optional(),
+    })
+    .prefault({}),
+  admin: z
+    .strictObject({
+      address: z.string().default('127.0.0.1'),
+      port: port,
+    })
+    .optional(),
+  log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
+});
+
+export type Config = z.infer<typeof schema>;
+export type ListenerConfig = Config['listeners'][number];
+export type BackendTlsConfig = Config['backend']['tls'];
+
+export class ConfigError extends Error {}
+
+/** Validates a parsed document; `source` names the file in error messages. */
+export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config {
+  const result = schema.safeParse(doc);
+  if (!result.success) {
+    const lines = result.error.issues.map((i) => {
+      const where = i.path.length ? i.path.join('.') : '(top level)';
+      const keys = 'keys' in i && Array.isArray(i.keys) ? ` ${i.keys.join(', ')}` : '';
+      return `  ${where}: ${i.message}${keys}`;
+    });
+    throw new ConfigError(`invalid config ${source}:\n${lines.join('\n')}`);
+  }
+  const cfg = result.data;
+  // Paths in the file are relative to the file, so a config dir can be moved whole.
+  const abs = (p: string | undefined) => (p === undefined ? undefined : resolve(baseDir, p));
+  if (cfg.lookup.file) cfg.lookup.file = abs(cfg.lookup.file);
+  for (const l of cfg.listeners) {
+    l.cert = abs(l.cert);
+    l.key = abs(l.key);
+    l.path = abs(l.path);
+    for (const pair of Object.values(l.sni ?? {})) {
+      pair.cert = abs(pair.cert)!;
+      pair.key = abs(pair.key)!;
+    }
+  }
+  cfg.backend.tls.ca = abs(cfg.backend.tls.ca);
+  if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
+  return cfg;
+}
+
+export function loadConfig(file: string): Config {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ConfigError(`cannot read config ${file}: ${(e as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (e) {
+    throw new ConfigError(`config ${file} is not valid YAML: ${(e as Error).message}`);
+  }
+  return parseConfig(doc, file, dirname(resolve(file)));
+}
+
+/** Whether a listener accepts cleartext credentials before TLS. */
+export function plaintextAllowed(l: ListenerConfig): boolean {
+  return l.plaintext_auth ?? l.tls === 'none';
+}

@@ -1,0 +1,138 @@
+import { readFileSync, watch, type FSWatcher } from 'node:fs';
+import { basename, dirname } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { normalizeLogin, parseSlot, parseStore, parseUser, type SlotRecord, type StoreRecord, type UserRecord } from './model.js';
+import type { ChangeEvent, ObjectRecord, RouteRecords, RouteSource } from './source.js';
+
+/**
+ * The embedded default: the same model as the Redis contract, in one YAML (or JSON) file:
+ *
+ *   users:  { alice@example.com: { store: store1 } }
+ *   stores: { store1: { master: slotA, replicas: [slotB], epoch: 1 } }
+ *   slots:  { slotA: { host: 127.0.0.11, imap: 143, pop3: 110, lmtp: 24 } }
+ *
+ * Field names are those of the Redis hashes. The file is re-read when it changes; every
+ * object that differs from the last good read becomes a change event, exactly as if a
+ * tool had published it. A file that fails to parse is reported and the last good model
+ * stays in force (a half-written file must not drop every route).
+ */
+export interface FileModel {
+  users: Map<string, UserRecord>;
+  stores: Map<string, StoreRecord>;
+  slots: Map<string, SlotRecord>;
+}
+
+type RawSection = Record<string, Record<string, string | number | string[]>>;
+
+function section(doc: Record<string, unknown>, name: string): RawSection {
+  const v = doc[name];
+  if (v === undefined || v === null) return {};
+  if (typeof v !== 'object' || Array.isArray(v)) throw new Error(`"${name}" must be a mapping`);
+  return v as RawSection;
+}
+
+export function parseModel(text: string, defaultDomain?: string): FileModel {
+  const doc = (parseYaml(text) ?? {}) as Record<string, unknown>;
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new Error('top level must be a mapping');
+  for (const k of Object.keys(doc)) {
+    if (!['users', 'stores', 'slots'].includes(k)) throw new Error(`unknown top-level key "${k}"`);
+  }
+  const model: FileModel = { users: new Map(), stores: new Map(), slots: new Map() };
+  for (const [id, f] of Object.entries(section(doc, 'users'))) {
+    const login = normalizeLogin(id, defaultDomain);
+    const u = parseUser(f, login);
+    if (u) model.users.set(login, u);
+  }
+  for (const [id, f] of Object.entries(section(doc, 'stores'))) {
+    const s = parseStore(f, id);
+    if (s) model.stores.set(id, s);
+  }
+  for (const [id, f] of Object.entries(section(doc, 'slots'))) {
+    const s = parseSlot(f, id);
+    if (s) model.slots.set(id, s);
+  }
+  return model;
+}
+
+function lookup(model: FileModel, o: ChangeEvent): ObjectRecord | undefined {
+  if (o.kind === 'user') return model.users.get(o.id);
+  if (o.kind === 'store') return model.stores.get(o.id);
+  return model.slots.get(o.id);
+}
+
+/** Every object added, removed or changed between two models. */
+export function diffModels(a: FileModel, b: FileModel): ChangeEvent[] {
+  const out: ChangeEvent[] = [];
+  const kinds = [
+    ['user', a.users, b.users],
+    ['store', a.stores, b.stores],
+    ['slot', a.slots, b.slots],
+  ] as const;
+  for (const [kind, before, after] of kinds) {
+    const ids = new Set<string>([...before.keys(), ...after.keys()]);
+    for (const id of ids) {
+      if (JSON.stringify(before.get(id)) !== JSON.stringify(after.get(id))) out.push({ kind, id });
+    }
+  }
+  return out;
+}
+
+export class FileSource implements RouteSource {
+  private model: FileModel;
+  private watcher: FSWatcher | undefined;
+  private debounce: NodeJS.Timeout | undefined;
+  private onChange: (ev: ChangeEvent) => void = () => {};
+
+  constructor(
+    private readonly path: string,
+    private readonly defaultDomain: string | undefined,
+    private readonly onError: (err: Error) => void = () => {},
+  ) {
+    // A bad file at start-up is fatal (the operator is watching); later it is only logged.
+    this.model = parseModel(readFileSync(path, 'utf8'), defaultDomain);
+  }
+
+  async readRoute(login: string): Promise<RouteRecords> {
+    const user = this.model.users.get(login);
+    const store = user ? this.model.stores.get(user.store) : undefined;
+    const slot = store ? this.model.slots.get(store.master) : undefined;
+    return { user, store, slot };
+  }
+
+  async readObjects(objs: readonly ChangeEvent[]): Promise<(ObjectRecord | undefined)[]> {
+    return objs.map((o) => lookup(this.model, o));
+  }
+
+  watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void {
+    // Watch the directory, not the file: editors and `mv` replace the file (new inode), and
+    // a watch on the old inode would go quiet after the first save.
+    this.onChange = onChange;
+    const name = basename(this.path);
+    this.watcher = watch(dirname(this.path), (_event, file) => {
+      if (file !== null && file !== name) return;
+      clearTimeout(this.debounce);
+      this.debounce = setTimeout(() => this.reload(), 50);
+    });
+    live(true);
+  }
+
+  /** Re-reads the file now (also on SIGHUP); returns the changes it passed on. */
+  reload(): ChangeEvent[] {
+    let next: FileModel;
+    try {
+      next = parseModel(readFileSync(this.path, 'utf8'), this.defaultDomain);
+    } catch (e) {
+      this.onError(new Error(`routes file ${this.path} not reloaded: ${(e as Error).message}`));
+      return [];
+    }
+    const changes = diffModels(this.model, next);
+    this.model = next;
+    for (const ev of changes) this.onChange(ev);
+    return changes;
+  }
+
+  async close(): Promise<void> {
+    clearTimeout(this.debounce);
+    this.watcher?.close();
+  }
+}

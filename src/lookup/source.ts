@@ -1,0 +1,49 @@
+import type { SlotRecord, StoreRecord, UserRecord } from './model.js';
+
+export type ObjectKind = 'user' | 'store' | 'slot';
+
+/** What a failover tool publishes after it changed one object. */
+export interface ChangeEvent {
+  kind: ObjectKind;
+  id: string;
+}
+
+/** The three records a login needs, read together. */
+export interface RouteRecords {
+  user?: UserRecord;
+  store?: StoreRecord;
+  slot?: SlotRecord;
+}
+
+export type ObjectRecord = UserRecord | StoreRecord | SlotRecord;
+
+/**
+ * Where routing data lives (Redis, or the embedded file). A source only reads and tells of
+ * changes; caching and deciding what a change means is the Router's job.
+ */
+export interface RouteSource {
+  /** User, its store and the store's master slot, in one round trip. Rejects when the source is unreachable. */
+  readRoute(login: string): Promise<RouteRecords>;
+  /** Several objects in one round trip (resync after a lost subscription, and events). */
+  readObjects(objs: readonly ChangeEvent[]): Promise<(ObjectRecord | undefined)[]>;
+  /**
+   * Starts delivering change events. `live(true)` is called once events are flowing (again),
+   * `live(false)` as soon as they may be missed; the Router resyncs after every `live(true)`.
+   */
+  watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void;
+  close(): Promise<void>;
+}
+
+/** Parses the JSON message of the events channel; undefined for anything malformed. */
+export function parseEvent(text: string): ChangeEvent | undefined {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  if (typeof v !== 'object' || v === null) return undefined;
+  const { kind, id } = v as { kind?: unknown; id?: unknown };
+  if ((kind !== 'user' && kind !== 'store' && kind !== 'slot') || typeof id !== 'string' || id === '') return undefined;
+  return { kind, id };
+}

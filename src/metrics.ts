@@ -1,0 +1,65 @@
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { ProxyContext } from './proxy/core.js';
+import { spliceTotals } from './proxy/splice.js';
+
+/**
+ * Prometheus metrics. The hot paths only bump plain counters in the ProxyContext; values
+ * are read into prom-client when scraped, so a login costs no metrics library call.
+ */
+export function createMetrics(ctx: ProxyContext): Registry {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'mailsplice_process_' });
+  new Gauge({
+    name: 'mailsplice_sessions',
+    help: 'Logged-in sessions being spliced, by protocol',
+    labelNames: ['protocol'],
+    registers: [registry],
+    collect() {
+      for (const [protocol, n] of Object.entries(ctx.registry.countByProtocol())) this.set({ protocol }, n);
+    },
+  });
+  new Gauge({
+    name: 'mailsplice_preauth_connections',
+    help: 'Connections still in the pre-auth dialogue',
+    registers: [registry],
+    collect() {
+      this.set(ctx.sweep.size);
+    },
+  });
+  new Counter({
+    name: 'mailsplice_logins_total',
+    help: 'Login attempts by protocol and result',
+    labelNames: ['protocol', 'result'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [protocol, results] of Object.entries(ctx.counters.logins)) {
+        for (const [result, n] of Object.entries(results)) this.inc({ protocol, result }, n);
+      }
+    },
+  });
+  const simple = (name: string, help: string, read: () => number, kind: 'counter' | 'gauge' = 'counter') => {
+    const Metric = kind === 'counter' ? Counter : Gauge;
+    new Metric({
+      name,
+      help,
+      registers: [registry],
+      collect(this: Counter | Gauge) {
+        this.reset();
+        if (this instanceof Gauge) this.set(read());
+        else this.inc(read());
+      },
+    });
+  };
+  const stats = ctx.router.stats;
+  simple('mailsplice_rejected_connections_total', 'Connections turned away by connection limits', () => ctx.counters.rejectedConnections);
+  simple('mailsplice_route_cache_hits_total', 'Logins routed from the in-process cache', () => stats.cacheHits);
+  simple('mailsplice_route_cache_misses_total', 'Logins that read the lookup source', () => stats.cacheMisses);
+  simple('mailsplice_route_events_total', 'Change events applied', () => stats.events);
+  simple('mailsplice_route_resyncs_total', 'Full resyncs after the event stream was lost', () => stats.resyncs);
+  simple('mailsplice_route_events_live', '1 while change events are flowing', () => (stats.live ? 1 : 0), 'gauge');
+  simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route', () => ctx.registry.endedByEvents);
+  simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
+  simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);
+  return registry;
+}

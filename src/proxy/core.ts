@@ -1,0 +1,197 @@
+import type { Socket } from 'node:net';
+import type { Config, ListenerConfig } from '../config.js';
+import type { Logger } from '../log.js';
+import { LookupFailure, type Protocol, type Route } from '../lookup/model.js';
+import type { Router } from '../lookup/router.js';
+import { BackendRefused, openBackend } from './backend.js';
+import type { ClientGate } from './gate.js';
+import type { SessionRegistry } from './registry.js';
+import { SplicedSession } from './splice.js';
+import type { Expiring, Sweep } from './sweep.js';
+import type { ListenerTls } from './tls.js';
+import { LineReader } from './lines.js';
+
+/** Login outcomes, counted for metrics. */
+export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked';
+
+/** Everything the front ends share: one per process. */
+export interface ProxyContext {
+  router: Router;
+  registry: SessionRegistry;
+  sweep: Sweep;
+  gate: ClientGate;
+  limits: Config['limits'];
+  backend: Config['backend'];
+  log: Logger;
+  counters: { logins: Record<Protocol, Record<LoginResult, number>>; rejectedConnections: number };
+}
+
+/** One listener's settings as a front end needs them. */
+export interface ListenerRuntime {
+  cfg: ListenerConfig;
+  tls: ListenerTls | undefined;
+  plaintextAllowed: boolean;
+  ctx: ProxyContext;
+}
+
+/** Why a login did not reach a backend session, in protocol-neutral terms. */
+export class LoginFailed extends Error {
+  constructor(
+    readonly result: Exclude<LoginResult, 'ok'> | 'in-use',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * The state of one connection before login, shared by the IMAP and POP3 dialogues: its
+ * socket (swapped for a TLS one by STARTTLS/STLS), a bounded reader, and one entry in the
+ * shared sweep that enforces both the login deadline and the backend dialogue's deadline.
+ */
+export abstract class PreauthConnection implements Expiring {
+  deadline: number;
+  reader: LineReader;
+  secure: boolean;
+  authFailures = 0;
+  commands = 0;
+  badCommands = 0;
+  /** Set while a backend dialogue runs, so the sweep can cut it short. */
+  private backendSocket: Socket | undefined;
+  private readonly loginDeadline: number;
+
+  constructor(
+    readonly rt: ListenerRuntime,
+    public socket: Socket,
+    readonly clientIp: string,
+    readonly clientPort: number,
+  ) {
+    const { limits } = rt.ctx;
+    this.loginDeadline = this.deadline = Date.now() + limits.login_timeout_ms;
+    this.secure = rt.cfg.tls === 'implicit';
+    this.reader = new LineReader(socket, limits.line_length);
+    rt.ctx.sweep.add(this);
+  }
+
+  /** Too slow: in the backend phase only the backend attempt is abandoned. */
+  expire(): void {
+    if (this.backendSocket) {
+      this.backendSocket.destroy(new Error('backend did not answer in time'));
+      this.deadline = this.loginDeadline;
+      this.rt.ctx.sweep.add(this);
+    } else {
+      this.reader.fail(new Error('login timeout'));
+    }
+  }
+
+  get ctx(): ProxyContext {
+    return this.rt.ctx;
+  }
+
+  /** Plaintext credentials may be sent now (TLS is up, or the listener allows cleartext). */
+  get credentialsAllowed(): boolean {
+    return this.secure || this.rt.plaintextAllowed;
+  }
+
+  get canStartTls(): boolean {
+    return this.rt.cfg.tls === 'starttls' && !this.secure;
+  }
+
+  write(s: string): void {
+    if (!this.socket.destroyed) this.socket.write(s);
+  }
+
+  /** Swaps the socket for TLS after the client's STARTTLS/STLS; what it pipelined is dropped. */
+  async startTls(): Promise<void> {
+    this.reader.discard();
+    this.reader.detach();
+    this.socket = await this.rt.tls!.accept(this.socket);
+    this.secure = true;
+    this.reader = new LineReader(this.socket, this.ctx.limits.line_length);
+  }
+
+  /** Ends the connection before login. */
+  close(lastWords?: string): void {
+    this.ctx.sweep.delete(this);
+    if (this.socket.destroyed) return;
+    if (lastWords) this.socket.end(lastWords);
+    this.socket.destroySoon();
+  }
+
+  /** Counts a command; false once the client has used up its pre-auth allowance. */
+  countCommand(): boolean {
+    return ++this.commands <= this.ctx.limits.preauth_commands;
+  }
+
+  countBad(): boolean {
+    return ++this.badCommands < this.ctx.limits.bad_commands;
+  }
+
+  /** Counts a failed login; false once this connection may not try again. */
+  countAuthFailure(): boolean {
+    this.ctx.gate.recordFailure(this.clientIp);
+    return ++this.authFailures < this.ctx.limits.auth_failures;
+  }
+
+  /**
+   * Finds the route for `login` and opens the backend connection, under the backend
+   * deadline. The protocol's own dialogue then runs in `dialogue`.
+   */
+  async toBackend<T>(protocol: Protocol, login: string, dialogue: (route: Route, sock: Socket) => Promise<T>): Promise<{ route: Route; result: T }> {
+    if (this.ctx.gate.blocked(this.clientIp)) throw new LoginFailed('auth-failed', 'too many failed logins from this address');
+    let route: Route;
+    try {
+      route = await this.ctx.router.resolve(login);
+    } catch (e) {
+      if (!(e instanceof LookupFailure)) throw e;
+      if (e.kind === 'unknown-user') throw new LoginFailed('auth-failed', e.message);
+      throw new LoginFailed(e.kind === 'locked' ? 'locked' : 'unavailable', e.message);
+    }
+    const port = route.ports[protocol];
+    if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
+    this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
+    try {
+      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls: this.ctx.backend.tls });
+      this.backendSocket = sock;
+      return { route, result: await dialogue(route, sock) };
+    } catch (e) {
+      this.backendSocket?.destroy();
+      if (e instanceof BackendRefused) {
+        throw new LoginFailed(e.kind === 'auth' ? 'auth-failed' : e.kind, `${route.slot}: ${e.message}`);
+      }
+      throw new LoginFailed('unavailable', `${route.slot}: ${(e as Error).message}`);
+    } finally {
+      this.backendSocket = undefined;
+      this.deadline = this.loginDeadline;
+    }
+  }
+
+  /**
+   * Hands the connection over to the splice. `toClient` is what the client must see first
+   * (the backend's answer to the login); nothing is parsed from here on.
+   */
+  splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): void {
+    this.ctx.sweep.delete(this);
+    const clientRest = this.reader.detach();
+    if (this.socket.destroyed) {
+      backend.destroy();
+      return;
+    }
+    this.ctx.counters.logins[protocol].ok++;
+    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx.registry, farewell);
+    this.socket.write(toClient);
+    session.start(clientRest, backendRest);
+    // An event may have changed this route while we were logging in: it would have missed
+    // this session, so check once more now that the session is registered.
+    if (!this.ctx.router.stillValid(route)) session.end('route changed during login');
+    this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp });
+  }
+
+  /** Records a failed login for metrics and the log. */
+  noteFailure(protocol: Protocol, e: LoginFailed, login: string): void {
+    const result = e.result === 'in-use' ? 'unavailable' : e.result;
+    this.ctx.counters.logins[protocol][result]++;
+    const level = result === 'unavailable' ? 'warn' : 'info';
+    this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message });
+  }
+}

@@ -1,0 +1,252 @@
+import type { Socket } from 'node:net';
+import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
+import { astring, ImapSyntaxError, literalAtEnd, tokenize, type Token } from './imap-syntax.js';
+import { LineTooLong } from './lines.js';
+import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
+
+// The IMAP pre-auth dialogue (RFC 9051 / 3501): greeting, CAPABILITY, NOOP, LOGOUT, ID,
+// STARTTLS, LOGIN, AUTHENTICATE PLAIN. Everything else before login is BAD. After a
+// successful backend login the connection is spliced and this object is dropped.
+
+interface Command {
+  tag: string;
+  name: string;
+  args: Token[];
+}
+
+class StopDialogue extends Error {}
+
+const SERVER_ID = '* ID ("name" "mailsplice")\r\n';
+
+export class ImapPreauth extends PreauthConnection {
+  constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
+    super(rt, socket, ip, port);
+  }
+
+  private capabilities(): string {
+    const caps = ['IMAP4rev1', 'LITERAL+', 'SASL-IR', 'ID'];
+    if (this.canStartTls) caps.push('STARTTLS');
+    if (this.credentialsAllowed) caps.push('AUTH=PLAIN');
+    else caps.push('LOGINDISABLED');
+    return caps.join(' ');
+  }
+
+  async run(): Promise<void> {
+    this.write(`* OK [CAPABILITY ${this.capabilities()}] mailsplice ready\r\n`);
+    try {
+      for (;;) {
+        const cmd = await this.readCommand();
+        if (!cmd) continue;
+        if (await this.execute(cmd)) return; // logged in and spliced
+      }
+    } catch (e) {
+      if (e instanceof StopDialogue) return;
+      if (e instanceof LineTooLong) this.close('* BYE [LIMIT] Line too long\r\n');
+      else if ((e as Error).message === 'login timeout') this.close('* BYE Autologout; login took too long\r\n');
+      else this.close();
+    }
+  }
+
+  /** Reads one command with its literals; undefined after answering a syntax error. */
+  private async readCommand(): Promise<Command | undefined> {
+    const { limits } = this.ctx;
+    const segments: string[] = [];
+    const literals: Buffer[] = [];
+    for (;;) {
+      const line = await this.reader.line();
+      const lit = literalAtEnd(line);
+      if (!lit) {
+        segments.push(line);
+        break;
+      }
+      const tag = (segments[0] ?? line).split(' ', 1)[0] || '*';
+      if (lit.size > limits.literal_size || literals.length >= 4) {
+        // A synchronising literal is refused before the client sends it; a LITERAL+ one is
+        // already on its way and cannot be skipped safely, so that connection ends.
+        if (lit.nonSync) {
+          this.close(`${tag} BAD [LIMIT] Literal too large\r\n* BYE [LIMIT] Literal too large\r\n`);
+          throw new StopDialogue();
+        }
+        this.write(`${tag} BAD [LIMIT] Literal too large\r\n`);
+        this.bad();
+        return undefined;
+      }
+      segments.push(lit.prefix);
+      if (!lit.nonSync) this.write('+ Ready for literal data\r\n');
+      literals.push(await this.reader.bytes(lit.size));
+    }
+    if (!this.countCommand()) {
+      this.close('* BYE [LIMIT] Too many commands before login\r\n');
+      throw new StopDialogue();
+    }
+    let tokens: Token[];
+    try {
+      tokens = tokenize(segments, literals);
+    } catch (e) {
+      const tag = segments[0]!.split(' ', 1)[0] || '*';
+      this.write(`${/^[^\s(){%*"\\\]+]+$/.test(tag) ? tag : '*'} BAD ${(e as ImapSyntaxError).message}\r\n`);
+      this.bad();
+      return undefined;
+    }
+    const [tag, name] = tokens;
+    if (tag?.kind !== 'atom' || !/^[^\s(){%*"\\\]+]+$/.test(tag.text)) {
+      this.write('* BAD Missing or invalid tag\r\n');
+      this.bad();
+      return undefined;
+    }
+    if (name?.kind !== 'atom') {
+      this.write(`${tag.text} BAD Missing command\r\n`);
+      this.bad();
+      return undefined;
+    }
+    return { tag: tag.text, name: name.text.toUpperCase(), args: tokens.slice(2) };
+  }
+
+  /** Counts a bad command and ends the connection past the limit. */
+  private bad(): void {
+    if (!this.countBad()) {
+      this.close('* BYE [LIMIT] Too many invalid commands\r\n');
+      throw new StopDialogue();
+    }
+  }
+
+  /** Runs one command; true once the session was handed to the splice. */
+  private async execute({ tag, name, args }: Command): Promise<boolean> {
+    switch (name) {
+      case 'CAPABILITY':
+        this.write(`* CAPABILITY ${this.capabilities()}\r\n${tag} OK Capability completed\r\n`);
+        return false;
+      case 'NOOP':
+        this.write(`${tag} OK NOOP completed\r\n`);
+        return false;
+      case 'LOGOUT':
+        this.close(`* BYE Logging out\r\n${tag} OK Logout completed\r\n`);
+        return true;
+      case 'ID':
+        this.write(`${SERVER_ID}${tag} OK ID completed\r\n`);
+        return false;
+      case 'STARTTLS':
+        if (!this.canStartTls) {
+          this.write(`${tag} BAD STARTTLS not available${this.secure ? ': TLS is already active' : ''}\r\n`);
+          this.bad();
+          return false;
+        }
+        this.write(`${tag} OK Begin TLS negotiation now\r\n`);
+        await this.startTls();
+        return false;
+      case 'LOGIN': {
+        const user = astring(args[0]);
+        const pass = astring(args[1]);
+        if (!user || !pass || args.length !== 2) {
+          this.write(`${tag} BAD LOGIN needs a user name and a password\r\n`);
+          this.bad();
+          return false;
+        }
+        return this.login(tag, { authcid: user, password: pass });
+      }
+      case 'AUTHENTICATE':
+        return this.authenticate(tag, args);
+      default:
+        this.write(`${tag} BAD ${/^[A-Z]+$/.test(name) ? 'Command not valid before login' : 'Unknown command'}\r\n`);
+        this.bad();
+        return false;
+    }
+  }
+
+  private async authenticate(tag: string, args: Token[]): Promise<boolean> {
+    const mech = args[0]?.kind === 'atom' ? args[0].text.toUpperCase() : '';
+    if (mech !== 'PLAIN') {
+      this.write(`${tag} NO Unsupported authentication mechanism\r\n`);
+      return false;
+    }
+    if (!this.credentialsAllowed) {
+      this.write(`${tag} NO [PRIVACYREQUIRED] Use STARTTLS first\r\n`);
+      return false;
+    }
+    let response: string;
+    const ir = args[1];
+    if (ir) {
+      if (ir.kind !== 'atom') {
+        this.write(`${tag} BAD Invalid initial response\r\n`);
+        this.bad();
+        return false;
+      }
+      response = ir.text;
+    } else {
+      this.write('+ \r\n');
+      response = await this.reader.line();
+    }
+    if (response === '*') {
+      this.write(`${tag} BAD Authentication cancelled\r\n`);
+      return false;
+    }
+    const creds = decodePlain(response);
+    if (!creds) {
+      this.write(`${tag} BAD Invalid SASL PLAIN response\r\n`);
+      this.bad();
+      return false;
+    }
+    return this.login(tag, creds);
+  }
+
+  private async login(tag: string, creds: ImapCredentials): Promise<boolean> {
+    if (!this.credentialsAllowed) {
+      this.write(`${tag} NO [PRIVACYREQUIRED] Use STARTTLS first\r\n`);
+      return false;
+    }
+    // The mailbox owner decides the route: authzid when a master login names one.
+    const login = (creds.authzid ?? creds.authcid).toString('utf8');
+    const { backend } = this.ctx;
+    try {
+      const { route, result } = await this.toBackend('imap', login, (route, sock) => {
+        // The backend may know the user by another name; a proxy-authorised login keeps its
+        // own authcid and only the mailbox name changes.
+        const mapped = Buffer.from(route.backendLogin, 'utf8');
+        const backendCreds: ImapCredentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
+        return imapBackendLogin(sock, route.host, backendCreds, {
+          tls: backend.tls,
+          clientIp: this.clientIp,
+          clientPort: this.clientPort,
+          forwardClientIp: backend.forward_client_ip,
+        });
+      });
+      const head = result.untagged.map((l) => `${l}\r\n`).join('');
+      this.splice('imap', route, result.socket, result.rest, `${head}${tag} ${result.okText}\r\n`, imapFarewell);
+      return true;
+    } catch (e) {
+      if (!(e instanceof LoginFailed)) throw e;
+      this.noteFailure('imap', e, login);
+      if (e.result === 'auth-failed') {
+        this.write(`${tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n`);
+        if (!this.countAuthFailure()) {
+          this.close('* BYE Too many authentication failures\r\n');
+          return true;
+        }
+      } else if (e.result === 'locked') {
+        this.write(`${tag} NO [UNAVAILABLE] Account is under maintenance, try again shortly\r\n`);
+      } else {
+        this.write(`${tag} NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n`);
+      }
+      return false;
+    }
+  }
+}
+
+function imapFarewell(reason: string): string {
+  return `* BYE [UNAVAILABLE] ${reason.replace(/[\r\n]/g, ' ')}\r\n`;
+}
+
+/** RFC 4616: [authzid] NUL authcid NUL passwd, base64; undefined if malformed. */
+export function decodePlain(b64: string): ImapCredentials | undefined {
+  if (b64 !== '=' && !/^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/.test(b64)) return undefined;
+  const raw = Buffer.from(b64 === '=' ? '' : b64, 'base64');
+  const first = raw.indexOf(0);
+  const second = first < 0 ? -1 : raw.indexOf(0, first + 1);
+  if (first < 0 || second < 0 || raw.indexOf(0, second + 1) >= 0) return undefined;
+  const authzid = raw.subarray(0, first);
+  const authcid = raw.subarray(first + 1, second);
+  const password = raw.subarray(second + 1);
+  if (authcid.length === 0) return undefined;
+  return authzid.length > 0 && !authzid.equals(authcid) ? { authzid, authcid, password } : { authcid, password };
+}
+

@@ -1,0 +1,95 @@
+import type { Protocol, Route } from '../lookup/model.js';
+import { staleReason, type ChangeListener } from '../lookup/router.js';
+import type { ChangeEvent, ObjectRecord } from '../lookup/source.js';
+
+/** A logged-in, spliced session, as the registry sees it. */
+export interface LiveSession {
+  readonly protocol: Protocol;
+  readonly route: Route;
+  /** Ends the session, telling the client why where the protocol has a way to. */
+  end(reason: string): void;
+}
+
+type Index = Map<string, Set<LiveSession>>;
+
+function put(index: Index, key: string, s: LiveSession): void {
+  let set = index.get(key);
+  if (!set) index.set(key, (set = new Set()));
+  set.add(s);
+}
+
+function drop(index: Index, key: string, s: LiveSession): void {
+  const set = index.get(key);
+  if (set && set.delete(s) && set.size === 0) index.delete(key);
+}
+
+/**
+ * Every live session, indexed by store, slot and login, so that an event about one object
+ * finds exactly the sessions it concerns without a scan. It listens to the Router and ends
+ * the sessions a change made wrong.
+ */
+export class SessionRegistry implements ChangeListener {
+  private readonly byStore: Index = new Map();
+  private readonly bySlot: Index = new Map();
+  private readonly byLogin: Index = new Map();
+  private total = 0;
+  endedByEvents = 0;
+
+  add(s: LiveSession): void {
+    put(this.byStore, s.route.store, s);
+    put(this.bySlot, s.route.slot, s);
+    put(this.byLogin, s.route.login, s);
+    this.total++;
+  }
+
+  remove(s: LiveSession): void {
+    const had = this.byLogin.get(s.route.login)?.has(s);
+    drop(this.byStore, s.route.store, s);
+    drop(this.bySlot, s.route.slot, s);
+    drop(this.byLogin, s.route.login, s);
+    if (had) this.total--;
+  }
+
+  get size(): number {
+    return this.total;
+  }
+
+  /** Sessions per protocol, for metrics. */
+  countByProtocol(): Record<Protocol, number> {
+    const out: Record<Protocol, number> = { imap: 0, pop3: 0, lmtp: 0 };
+    for (const set of this.byLogin.values()) for (const s of set) out[s.protocol]++;
+    return out;
+  }
+
+  sessionsOf(kind: ChangeEvent['kind'], id: string): LiveSession[] {
+    const index = kind === 'user' ? this.byLogin : kind === 'store' ? this.byStore : this.bySlot;
+    return [...(index.get(id) ?? [])];
+  }
+
+  changed(ev: ChangeEvent, rec: ObjectRecord | undefined): void {
+    for (const s of this.sessionsOf(ev.kind, ev.id)) {
+      const reason = staleReason(ev, rec, s.route);
+      if (reason) {
+        this.remove(s);
+        this.endedByEvents++;
+        s.end(reason);
+      }
+    }
+  }
+
+  held(): ChangeEvent[] {
+    const out: ChangeEvent[] = [];
+    for (const id of this.byStore.keys()) out.push({ kind: 'store', id });
+    for (const id of this.bySlot.keys()) out.push({ kind: 'slot', id });
+    for (const id of this.byLogin.keys()) out.push({ kind: 'user', id });
+    return out;
+  }
+
+  /** Ends everything (shutdown). */
+  endAll(reason: string): void {
+    for (const set of [...this.byLogin.values()]) for (const s of [...set]) {
+      this.remove(s);
+      s.end(reason);
+    }
+  }
+}
