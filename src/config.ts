@@ -44,6 +44,15 @@ const backendTls = z.strictObject({
   verify: z.boolean().default(true),
 });
 
+/**
+ * TLS settings for a group of slots, overriding backend.tls. `slots` are globs on the slot
+ * id (`*` any run of characters, `?` one; no wildcard means that exact id); the first group
+ * with a matching pattern wins, a slot in no group uses backend.tls.
+ */
+const backendTlsGroup = backendTls.extend({
+  slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
+});
+
 const schema = z.strictObject({
   listeners: z.array(listener).min(1),
   lookup: z
@@ -82,6 +91,7 @@ const schema = z.strictObject({
       connect_timeout_ms: z.number().int().positive().default(5000),
       login_timeout_ms: z.number().int().positive().default(15_000),
       tls: backendTls.prefault({}),
+      tls_groups: z.array(backendTlsGroup).default([]),
       /** Send the client's address to IMAP backends with ID (Dovecot's login_trusted_networks). */
       forward_client_ip: z.boolean().default(false),
     })
@@ -135,6 +145,7 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
     }
   }
   cfg.backend.tls.ca = abs(cfg.backend.tls.ca);
+  for (const g of cfg.backend.tls_groups) g.ca = abs(g.ca);
   if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
   return cfg;
 }

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
-import type { BackendTlsConfig } from '../config.js';
+import { connect as tlsConnect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from 'node:tls';
+import type { BackendTlsConfig, Config } from '../config.js';
 
 /** Why a backend login did not happen; the front ends map it to their protocol's words. */
 export class BackendRefused extends Error {
@@ -20,19 +20,50 @@ export interface BackendOptions {
   tls: BackendTlsConfig;
 }
 
-let caCache: { path: string; pem: Buffer } | undefined;
-function ca(path: string | undefined): Buffer | undefined {
-  if (!path) return undefined;
-  if (caCache?.path !== path) caCache = { path, pem: readFileSync(path) };
-  return caCache.pem;
+/**
+ * The TLS settings for one slot: the first `backend.tls_groups` entry with a matching
+ * pattern, else `backend.tls`. Patterns are compiled once per config object.
+ */
+export function backendTlsFor(backend: Config['backend'], slot: string): BackendTlsConfig {
+  for (const group of backend.tls_groups) {
+    let patterns = globCache.get(group);
+    if (!patterns) globCache.set(group, (patterns = group.slots.map(globToRegExp)));
+    if (patterns.some((re) => re.test(slot))) return group;
+  }
+  return backend.tls;
 }
 
-function tlsOptions(host: string, cfg: BackendTlsConfig) {
-  const servername = cfg.servername ?? (isIP(host) ? undefined : host);
+const globCache = new WeakMap<object, RegExp[]>();
+
+/** `*` any run, `?` one character, everything else literal; the whole id must match. */
+export function globToRegExp(glob: string): RegExp {
+  const body = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+  return new RegExp(`^${body}$`);
+}
+
+/**
+ * One client context per backend TLS setting: the CA file is read and parsed once, not on
+ * every login (passing `ca` to tls.connect would build a fresh context per connection).
+ * `reloadBackendTls()` forgets them, so a replaced CA file is read on the next login.
+ */
+let contexts = new WeakMap<BackendTlsConfig, SecureContext>();
+
+export function reloadBackendTls(): void {
+  contexts = new WeakMap();
+}
+
+function tlsOptions(host: string, cfg: BackendTlsConfig): ConnectionOptions {
+  let secureContext = contexts.get(cfg);
+  if (!secureContext) {
+    secureContext = createSecureContext(cfg.ca ? { ca: readFileSync(cfg.ca) } : {});
+    contexts.set(cfg, secureContext);
+  }
   return {
-    ca: ca(cfg.ca),
-    servername,
-    // An IP-addressed slot (no servername) is checked against the IP SANs of its certificate.
+    secureContext,
+    host,
+    // SNI only for names (RFC 6066 forbids IP literals); an IP-addressed slot is checked
+    // against the IP SANs of its certificate, `servername` overrides both.
+    servername: cfg.servername ?? (isIP(host) ? undefined : host),
     rejectUnauthorized: cfg.verify,
   };
 }
@@ -71,9 +102,12 @@ export function startBackendTls(sock: Socket, host: string, cfg: BackendTlsConfi
       tls.destroy();
       reject(new BackendRefused('unavailable', `backend ${host} TLS: ${tlsHint(e)}`));
     };
-    tls.once('error', fail);
+    const closed = () => fail(new Error('connection closed during TLS handshake'));
+    tls.on('error', fail); // `on`: a second error after the first must not go unhandled
+    tls.once('close', closed);
     tls.once('secureConnect', () => {
       tls.off('error', fail);
+      tls.off('close', closed);
       resolve(tls);
     });
   });
@@ -82,7 +116,7 @@ export function startBackendTls(sock: Socket, host: string, cfg: BackendTlsConfi
 function tlsHint(e: Error): string {
   const code = (e as NodeJS.ErrnoException).code;
   if (code && /CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ERR_TLS_CERT_ALTNAME/.test(code)) {
-    return `certificate check failed (${code}: ${e.message}); set backend.tls.ca to the CA that signed it`;
+    return `certificate check failed (${code}: ${e.message}); check the ca (and servername) of this slot's backend.tls_groups entry or of backend.tls`;
   }
   return e.message;
 }

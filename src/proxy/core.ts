@@ -1,9 +1,9 @@
 import type { Socket } from 'node:net';
-import type { Config, ListenerConfig } from '../config.js';
+import type { BackendTlsConfig, Config, ListenerConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import { LookupFailure, type Protocol, type Route } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
-import { BackendRefused, openBackend } from './backend.js';
+import { BackendRefused, backendTlsFor, openBackend } from './backend.js';
 import type { ClientGate } from './gate.js';
 import type { SessionRegistry } from './registry.js';
 import { SplicedSession } from './splice.js';
@@ -58,6 +58,8 @@ export abstract class PreauthConnection implements Expiring {
   badCommands = 0;
   /** Set while a backend dialogue runs, so the sweep can cut it short. */
   private backendSocket: Socket | undefined;
+  /** Set while a STARTTLS/STLS handshake runs: the reader is detached then, so the sweep ends it here. */
+  private handshaking = false;
   private readonly loginDeadline: number;
 
   constructor(
@@ -79,6 +81,8 @@ export abstract class PreauthConnection implements Expiring {
       this.backendSocket.destroy(new Error('backend did not answer in time'));
       this.deadline = this.loginDeadline;
       this.rt.ctx.sweep.add(this);
+    } else if (this.handshaking) {
+      this.socket.destroy(); // the pending handshake fails with it
     } else {
       this.reader.fail(new Error('login timeout'));
     }
@@ -105,7 +109,12 @@ export abstract class PreauthConnection implements Expiring {
   async startTls(): Promise<void> {
     this.reader.discard();
     this.reader.detach();
-    this.socket = await this.rt.tls!.accept(this.socket);
+    this.handshaking = true;
+    try {
+      this.socket = await this.rt.tls!.accept(this.socket);
+    } finally {
+      this.handshaking = false;
+    }
     this.secure = true;
     this.reader = new LineReader(this.socket, this.ctx.limits.line_length);
   }
@@ -135,9 +144,14 @@ export abstract class PreauthConnection implements Expiring {
 
   /**
    * Finds the route for `login` and opens the backend connection, under the backend
-   * deadline. The protocol's own dialogue then runs in `dialogue`.
+   * deadline. The protocol's own dialogue then runs in `dialogue`, with the TLS settings of
+   * the slot's group (STARTTLS is the dialogue's business; implicit TLS is already up).
    */
-  async toBackend<T>(protocol: Protocol, login: string, dialogue: (route: Route, sock: Socket) => Promise<T>): Promise<{ route: Route; result: T }> {
+  async toBackend<T>(
+    protocol: Protocol,
+    login: string,
+    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+  ): Promise<{ route: Route; result: T }> {
     if (this.ctx.gate.blocked(this.clientIp)) throw new LoginFailed('auth-failed', 'too many failed logins from this address');
     let route: Route;
     try {
@@ -151,9 +165,10 @@ export abstract class PreauthConnection implements Expiring {
     if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
     try {
-      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls: this.ctx.backend.tls });
+      const tls = backendTlsFor(this.ctx.backend, route.slot);
+      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });
       this.backendSocket = sock;
-      return { route, result: await dialogue(route, sock) };
+      return { route, result: await dialogue(route, sock, tls) };
     } catch (e) {
       this.backendSocket?.destroy();
       if (e instanceof BackendRefused) {

@@ -198,13 +198,13 @@ export class ImapPreauth extends PreauthConnection {
     const login = (creds.authzid ?? creds.authcid).toString('utf8');
     const { backend } = this.ctx;
     try {
-      const { route, result } = await this.toBackend('imap', login, (route, sock) => {
+      const { route, result } = await this.toBackend('imap', login, (route, sock, tls) => {
         // The backend may know the user by another name; a proxy-authorised login keeps its
         // own authcid and only the mailbox name changes.
         const mapped = Buffer.from(route.backendLogin, 'utf8');
         const backendCreds: ImapCredentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
         return imapBackendLogin(sock, route.host, backendCreds, {
-          tls: backend.tls,
+          tls,
           clientIp: this.clientIp,
           clientPort: this.clientPort,
           forwardClientIp: backend.forward_client_ip,
