@@ -1,0 +1,16 @@
+import { defineConfig } from 'vitest/config';
+
+export default defineConfig({
+  test: {
+    include: ['test/**/*.test.ts'],
+    // Real daemons (Dovecot, Redis) start per file; give them room.
+    testTimeout: 60_000,
+    hookTimeout: 120_000,
+    // Child processes rather than worker threads: each test file owns its
+    // daemons, and the harness' process 'exit' hook kills them if a file crashes.
+    pool: 'forks',
+    // Files run in parallel (each world picks its own free ports), but the CI
+    // machine has 2 cores.
+    maxWorkers: 2,
+  },
+});
