@@ -3,6 +3,7 @@ import type { ListenerConfig } from '../config.js';
 import { plaintextAllowed } from '../config.js';
 import type { ListenerRuntime, ProxyContext } from './core.js';
 import { ImapPreauth } from './imap.js';
+import { Pop3Preauth } from './pop3.js';
 import { ListenerTls } from './tls.js';
 
 /** What a protocol says to a connection it turns away before any dialogue. */
@@ -16,6 +17,7 @@ export type ProtocolHandler = (rt: ListenerRuntime, socket: Socket, ip: string, 
 
 const handlers: Record<string, ProtocolHandler> = {
   imap: (rt, socket, ip, port) => void new ImapPreauth(rt, socket, ip, port).run(),
+  pop3: (rt, socket, ip, port) => void new Pop3Preauth(rt, socket, ip, port).run(),
 };
 
 /** Lets another front end (POP3) plug into the same accept path. */
@@ -49,9 +51,10 @@ export class ProxyListener {
     socket.on('error', () => socket.destroy());
     if (this.open >= cfg.max_connections || !ctx.gate.admit(ip)) {
       ctx.counters.rejectedConnections++;
-      // For implicit TLS there is no cleartext way to say why: just close.
-      if (cfg.tls === 'implicit') socket.destroy();
-      else socket.end(BUSY[cfg.protocol] ?? '');
+      // For implicit TLS there is no cleartext way to say why: just close. Otherwise say why
+      // and close our side without waiting for the client's (this socket is never read).
+      if (cfg.tls !== 'implicit') socket.write(BUSY[cfg.protocol] ?? '');
+      socket.destroySoon();
       return;
     }
     this.open++;

@@ -1,0 +1,38 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseConfig } from '../../src/config.js';
+import { createLogger, silentLogger } from '../../src/log.js';
+import { startServer, type RunningServer } from '../../src/server.js';
+import { freePort } from '../harness/ports.js';
+
+export interface TestProxy {
+  server: RunningServer;
+  host: string;
+  /** Port of the first listener of each protocol/tls combination, e.g. ports['imap'], ports['imap:implicit']. */
+  ports: Record<string, number>;
+  close(): Promise<void>;
+}
+
+type ListenerDoc = Record<string, unknown> & { protocol: string; tls?: string };
+
+/**
+ * Starts mailsplice in this process from a config document. Listener ports are filled in
+ * with free ones when absent. Set MAILSPLICE_TEST_LOG=debug to see the proxy's log.
+ */
+export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<string, unknown>): Promise<TestProxy> {
+  const host = '127.0.0.1';
+  const listeners = doc.listeners ?? [{ protocol: 'imap' }];
+  const ports: Record<string, number> = {};
+  for (const l of listeners) {
+    l.address ??= host;
+    l.port ??= await freePort(host);
+    const key = l.tls && l.tls !== 'none' ? `${l.protocol}:${l.tls}` : l.protocol;
+    ports[key] ??= l.port as number;
+  }
+  const cfg = parseConfig({ ...doc, listeners }, 'test config', mkdtempSync(join(tmpdir(), 'mailsplice-cfg-')));
+  const level = process.env.MAILSPLICE_TEST_LOG;
+  const log = level === 'debug' || level === 'info' ? createLogger(level) : silentLogger;
+  const server = await startServer(cfg, log);
+  return { server, host, ports, close: () => server.close() };
+}
