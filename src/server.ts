@@ -45,6 +45,8 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     maxCachedUsers: cfg.lookup.cache_users,
     maxStaleMs: cfg.lookup.max_stale_ms,
     onError: (e) => log.warn('router', { error: e.message }),
+    onLive: (live, resynced) =>
+      live ? log.info('route events live', { resynced }) : log.warn('route events lost; cache trusted for max_stale_ms more', { max_stale_ms: cfg.lookup.max_stale_ms }),
   });
   const registry = new SessionRegistry();
   router.addListener(registry);

@@ -16,6 +16,8 @@ export interface RouterOptions {
   /** How long a cache may still be used after its event stream broke (ms). */
   maxStaleMs: number;
   onError?: (err: Error) => void;
+  /** Told when the event stream goes down, and when it is live again after a resync of `resynced` objects. */
+  onLive?: (live: boolean, resynced: number) => void;
 }
 
 /** Told of every object the Router re-read after an event or a resync. */
@@ -94,6 +96,13 @@ export class Router {
     }
     this.stats.cacheMisses++;
     const recs = await this.readThrough(login);
+    // A source that went back in time (Redis failed over to a lagging replica) must not
+    // undo a newer store state we already know: prefer the higher epoch.
+    const known = recs.user && this.stores.get(recs.user.store);
+    if (known && recs.store && known.epoch > recs.store.epoch) {
+      const slot = known.master === recs.store.master ? recs.slot : this.slots.get(known.master);
+      return routeFrom(login, recs.user, known, slot);
+    }
     return routeFrom(login, recs.user, recs.store, recs.slot);
   }
 
@@ -180,7 +189,10 @@ export class Router {
   }
 
   private lost(): void {
-    if (this.live) this.staleUntil = Date.now() + this.opts.maxStaleMs;
+    if (this.live) {
+      this.staleUntil = Date.now() + this.opts.maxStaleMs;
+      this.opts.onLive?.(false, 0);
+    }
     this.live = false;
     this.stats.live = false;
   }
@@ -217,6 +229,7 @@ export class Router {
     }
     this.live = true;
     this.stats.live = true;
+    this.opts.onLive?.(true, all.length);
   }
 
   /**
