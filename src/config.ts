@@ -126,8 +126,7 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
   if (!result.success) {
     const lines = result.error.issues.map((i) => {
       const where = i.path.length ? i.path.join('.') : '(top level)';
-      const keys = 'keys' in i && Array.isArray(i.keys) ? ` ${i.keys.join(', ')}` : '';
-      return `  ${where}: ${i.message}${keys}`;
+      return `  ${where}: ${i.message}`;
     });
     throw new ConfigError(`invalid config ${source}:\n${lines.join('\n')}`);
   }

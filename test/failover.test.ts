@@ -140,7 +140,7 @@ describe('lost event stream', () => {
       // Kill every subscriber, then change the store at once: the proxies are reconnecting
       // and miss the event; only the resync after resubscribing can catch the change.
       const resyncsBefore = proxies.map((p) => p.log().split('"route events live"').length);
-      await admin.client('KILL', 'TYPE', 'pubsub');
+      await admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub');
       await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '10' });
       for (const s of alice) expect((await s.bye).line).toMatch(/^\* BYE \[UNAVAILABLE\] store moved/);
       alice.forEach((s) => s.c.close());

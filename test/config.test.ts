@@ -1,0 +1,51 @@
+import { execFile } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig, parseConfig, plaintextAllowed } from '../src/config.js';
+
+const execFileP = promisify(execFile);
+const dir = mkdtempSync(join(tmpdir(), 'mailsplice-config-'));
+
+function file(name: string, text: string): string {
+  const p = join(dir, name);
+  writeFileSync(p, text);
+  return p;
+}
+
+describe('config', () => {
+  it('accepts the example config shipped in deploy/', () => {
+    const cfg = loadConfig(resolve(import.meta.dirname, '../deploy/mailsplice.example.yaml'));
+    expect(cfg.listeners.map((l) => l.protocol)).toEqual(['imap', 'imap', 'pop3', 'pop3', 'lmtp']);
+    expect(plaintextAllowed(cfg.listeners[0]!)).toBe(false); // TLS configured: no cleartext by default
+  });
+
+  it('fills defaults and makes paths relative to the file', () => {
+    const cfg = loadConfig(file('min.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: routes.yaml }\n'));
+    expect(cfg.lookup.file).toBe(join(dir, 'routes.yaml'));
+    expect(cfg.limits.line_length).toBe(8192);
+    expect(plaintextAllowed(cfg.listeners[0]!)).toBe(true);
+  });
+
+  it('names the file and the path of an unknown key', () => {
+    const p = file('bad.yaml', 'listeners: [{ protocol: imap, port: 1143, colour: blue }]\nlookup: { file: r.yaml }\n');
+    expect(() => loadConfig(p)).toThrow(ConfigError);
+    expect(() => loadConfig(p)).toThrow(new RegExp(`${p}[\\s\\S]*listeners\\.0: Unrecognized key: "colour"`));
+  });
+
+  it('refuses contradictions: both lookups, TLS without a certificate, a bad port', () => {
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'a', redis: {} } }, 'x')).toThrow(/exactly one of lookup.file or lookup.redis/);
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 993, tls: 'implicit' }], lookup: { file: 'a' } }, 'x')).toThrow(/needs cert and key/);
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 70000 }], lookup: { file: 'a' } }, 'x')).toThrow(/listeners\.0\.port/);
+  });
+
+  it('stops `mailsplice serve` with exit code 78 and the message', async () => {
+    const p = file('typo.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: r.yaml }\nlimitz: {}\n');
+    const cli = resolve(import.meta.dirname, '../src/cli.ts');
+    const err = await execFileP(process.execPath, ['--import', 'tsx', cli, 'serve', '--config', p]).catch((e: { code: number; stderr: string }) => e);
+    expect(err).toMatchObject({ code: 78 });
+    expect((err as { stderr: string }).stderr).toMatch(/Unrecognized key: "limitz"/);
+  });
+});
