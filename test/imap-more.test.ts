@@ -193,3 +193,25 @@ describe('differential', () => {
     expect(proxied).toEqual(direct);
   });
 });
+
+describe('client address forwarding', () => {
+  it('tells the backend the client\'s address with ID when forward_client_ip is on', async () => {
+    const forwarding = await startProxy({ listeners: [{ protocol: 'imap' }], lookup: { file: routesFile }, backend: { forward_client_ip: true } });
+    try {
+      const { connect } = await import('node:net');
+      const { readFile } = await import('node:fs/promises');
+      // Connect from 127.0.0.5: the proxy itself reaches Dovecot from 127.0.0.1.
+      const sock = connect({ host: '127.0.0.1', port: forwarding.ports.imap!, localAddress: '127.0.0.5' });
+      let got = '';
+      sock.on('data', (d: Buffer) => (got += d.toString()));
+      await expect.poll(() => got).toMatch(/^\* OK/);
+      sock.write('a1 LOGIN bob@example.com bobpw\r\n');
+      await expect.poll(() => got).toMatch(/a1 OK/);
+      sock.destroy();
+      await expect.poll(async () => (await readFile(world.slotB.logFile, 'utf8')).split('\n').filter((l) => l.includes('user=<bob@example.com>') && l.includes('Login:')).at(-1) ?? '').toMatch(/rip=127\.0\.0\.5/);
+    } finally {
+      await forwarding.close();
+    }
+  });
+});
+
