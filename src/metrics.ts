@@ -1,6 +1,7 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { ProxyContext } from './proxy/core.js';
 import { spliceTotals } from './proxy/splice.js';
+import { registerLmtpMetrics } from './lmtp/metrics.js';
 
 /**
  * Prometheus metrics. The hot paths only bump plain counters in the ProxyContext; values
@@ -61,5 +62,6 @@ export function createMetrics(ctx: ProxyContext): Registry {
   simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route', () => ctx.registry.endedByEvents);
   simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
   simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);
+  registerLmtpMetrics(registry);
   return registry;
 }

@@ -1,10 +1,145 @@
+import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
 import type { Config, ListenerConfig } from '../config.js';
 import type { ProxyContext } from '../proxy/core.js';
+import { ListenerTls } from '../proxy/tls.js';
+import { lmtpTotals, type LmtpTotals } from './metrics.js';
+import { formatReply, reply } from './reply.js';
+import { LmtpSession, type LmtpEnv } from './session.js';
+
+/**
+ * The LMTP front end: what Postfix delivers to (RFC 2033), on TCP and/or a unix socket.
+ *
+ * Why not smtp-server's LMTP mode (checked in smtp-server 3.21.6, dist/esm/smtp-connection.js):
+ * - Every reply's enhanced status code is derived from the three-digit code by a fixed table
+ *   (ENHANCED_STATUS_CODES), so a backend's own code cannot pass through: Dovecot's
+ *   "552 5.2.2 quota" survives, but "554 5.7.1" (a Sieve reject) becomes 5.6.0, and our 451s
+ *   for a locked mailbox (4.2.1) or an unreachable store (4.4.1) all become 4.3.0. Issue #4
+ *   asks for each recipient's real result from its backend.
+ * - A repeated RCPT replaces the earlier entry in envelope.rcptTo although both got 250, and
+ *   its error and size-limit paths answer once per *deduplicated* recipient: the client then
+ *   waits for a reply that never comes (RFC 2033 wants one per successful RCPT).
+ * - It offers AUTH, STARTTLS and DSN by default, delays every greeting by 100 ms (early-talker
+ *   check) and does a reverse DNS lookup per connection: all to be switched off for a local
+ *   MTA link, and none of it is what an LMTP proxy needs.
+ * The dialogue LMTP needs is small (LHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT), so it lives in
+ * src/lmtp/session.ts, with the DATA transparency code in src/lmtp/dot.ts, all unit-tested.
+ */
 
 export interface LmtpListener {
+  /** TCP address, when listening on TCP. */
+  address(): { address: string; port: number } | undefined;
+  /** Unix socket path, when listening on one. */
+  readonly path: string | undefined;
+  readonly connections: number;
+  /** Stops accepting; lets transactions under way finish (bounded by lmtp.timeout_ms), then closes. */
   close(): Promise<void>;
 }
 
-export async function startLmtpListener(_l: ListenerConfig, _lmtp: Config['lmtp'], _ctx: ProxyContext): Promise<LmtpListener> {
-  throw new Error('the LMTP front end is not built yet');
+/** Mode of the unix socket: Postfix's lmtp client runs as its own user and must be able to connect. */
+const SOCKET_MODE = 0o666;
+
+export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'], ctx: ProxyContext, totals: LmtpTotals = lmtpTotals): Promise<LmtpListener> {
+  if (l.tls === 'starttls') throw new Error(`lmtp listener ${l.name ?? ''}: tls: starttls is not supported for LMTP (use implicit, or none on loopback/unix sockets)`);
+  const tls = l.tls === 'implicit' ? new ListenerTls(l) : undefined;
+  const env: LmtpEnv = { ctx, cfg: lmtp, totals };
+  const sessions = new Set<LmtpSession>();
+  let open = 0;
+
+  const start = (socket: Socket, peer: string) => {
+    const s = new LmtpSession(socket, env, peer);
+    sessions.add(s);
+    void s.done.finally(() => sessions.delete(s));
+  };
+
+  const accept = (socket: Socket) => {
+    socket.on('error', () => socket.destroy());
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    if (open >= l.max_connections) {
+      ctx.counters.rejectedConnections++;
+      if (tls) socket.destroy();
+      else socket.end(formatReply(reply(421, undefined, `${lmtp.hostname} Too many connections, try again later`), false));
+      return;
+    }
+    open++;
+    socket.once('close', () => open--);
+    socket.setNoDelay(true);
+    if (!tls) return start(socket, peer);
+    const timer = setTimeout(() => socket.destroy(), lmtp.timeout_ms);
+    tls.accept(socket).then(
+      (secure) => {
+        clearTimeout(timer);
+        start(secure, peer);
+      },
+      () => {
+        clearTimeout(timer);
+        socket.destroy();
+      },
+    );
+  };
+
+  // allowHalfOpen: a client that sends its last command and FIN still gets the replies.
+  const servers: Server[] = [];
+  const make = () => {
+    const s = createServer({ allowHalfOpen: true, noDelay: true }, accept);
+    servers.push(s);
+    return s;
+  };
+  const listen = (s: Server, opts: { host: string; port: number } | { path: string }) =>
+    new Promise<void>((resolve, reject) => {
+      s.once('error', reject);
+      s.listen({ ...opts, backlog: 1024 }, () => {
+        s.off('error', reject);
+        resolve();
+      });
+    });
+
+  let tcp: Server | undefined;
+  try {
+    if (l.port !== undefined) {
+      tcp = make();
+      await listen(tcp, { host: l.address, port: l.port });
+      const a = tcp.address();
+      ctx.log.info('listening', { protocol: 'lmtp', address: l.address, port: typeof a === 'object' && a ? a.port : l.port, tls: l.tls });
+    }
+    if (l.path !== undefined) {
+      removeStaleSocket(l.path);
+      await listen(make(), { path: l.path });
+      chmodSync(l.path, SOCKET_MODE);
+      ctx.log.info('listening', { protocol: 'lmtp', path: l.path });
+    }
+  } catch (e) {
+    for (const s of servers) s.close();
+    throw e;
+  }
+
+  return {
+    path: l.path,
+    address() {
+      const a = tcp?.address();
+      return a && typeof a === 'object' ? { address: a.address, port: a.port } : undefined;
+    },
+    get connections() {
+      return open;
+    },
+    async close() {
+      const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+      for (const s of sessions) s.shutdown();
+      // A transaction under way is allowed to finish: its recipients got 250 at RCPT and
+      // the message may already be at a backend. Every wait inside it is bounded by timeout_ms.
+      const deadline = new Promise<void>((resolve) => setTimeout(resolve, lmtp.timeout_ms + 1000).unref());
+      await Promise.race([Promise.all([...sessions].map((s) => s.done)), deadline]);
+      for (const s of sessions) s.destroy();
+      await Promise.all(closed);
+    },
+  };
+}
+
+/** A socket file left by a previous run would make listen() fail with EADDRINUSE. */
+function removeStaleSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
 }

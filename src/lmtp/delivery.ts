@@ -1,0 +1,350 @@
+import { BackendRefused, backendTlsFor } from '../proxy/backend.js';
+import type { ProxyContext } from '../proxy/core.js';
+import type { LiveSession } from '../proxy/registry.js';
+import { LookupFailure, type Route } from '../lookup/model.js';
+import { withDetail } from './address.js';
+import { LmtpClient } from './client.js';
+import { isPositive, reply, replyText, type Reply } from './reply.js';
+
+/**
+ * One mail transaction's fan-out: one backend LMTP transaction per slot involved, the
+ * message streamed to all of them at once, one real reply per recipient at the end.
+ *
+ * Design choice (issue #4): the backend transactions are opened at DATA time, not at RCPT
+ * time. The client's RCPT gets its answer from the lookup alone; a backend's own refusal of
+ * a recipient (Dovecot's 550 for a user its userdb lacks, a quota check) becomes that
+ * recipient's reply after the final dot. That keeps RCPT fast (no backend round trip per
+ * recipient), never holds backend connections open for a client that may never send DATA,
+ * and is still exact: LMTP has a reply per recipient after DATA precisely for this.
+ *
+ * What is never done: sending the terminating dot to a backend before the client's own dot
+ * arrived. A client that goes away, a message over the size limit, a route that changed
+ * mid-way: the backend connection is dropped without the dot, and the backend discards the
+ * partial message. Only a dot we sent can have made the backend deliver.
+ */
+
+export interface Recipient {
+  /** As the client wrote it (used in our own reply texts). */
+  address: string;
+  /** Normal form used for the lookup (without +detail when the full address was unknown). */
+  login: string;
+  /** The +detail split off for the lookup, to be put back for the backend. */
+  detail?: string;
+  /** The route found at RCPT time. */
+  route: Route;
+}
+
+/** The mailbox the backend is given: its own name for the user, with the client's +detail. */
+export function backendAddress(route: Route, detail: string | undefined): string {
+  return detail === undefined ? route.backendLogin : withDetail(route.backendLogin, detail);
+}
+
+export interface DeliveryEnvelope {
+  /** Reverse path ("" for the null sender). */
+  from: string;
+  size?: number;
+  body8bit: boolean;
+}
+
+export interface DeliverySettings {
+  timeoutMs: number;
+  /** Our name in LHLO to the backends. */
+  hostname: string;
+}
+
+/** The reply for a recipient whose route could not be found (RCPT time or DATA time). */
+export function lookupFailureReply(e: LookupFailure, address: string): Reply {
+  switch (e.kind) {
+    case 'unknown-user':
+      return reply(550, '5.1.1', `<${address}> User unknown`);
+    case 'locked':
+      return reply(451, '4.2.1', `<${address}> Mailbox temporarily locked for maintenance, try again later`);
+    default:
+      return reply(451, '4.3.0', `<${address}> Mailbox temporarily unavailable, try again later`);
+  }
+}
+
+type LegState = 'opening' | 'streaming' | 'ending' | 'done' | 'failed';
+
+interface LegRecipient {
+  rcpt: Recipient;
+  /** Index into the Delivery's recipient list. */
+  index: number;
+  mailbox: string;
+}
+
+/** One backend LMTP transaction: the recipients of one slot. */
+class Leg {
+  state: LegState = 'opening';
+  client: LmtpClient | undefined;
+  /** Recipients the backend accepted at RCPT, in the order they were sent. */
+  accepted: LegRecipient[] = [];
+  needsDrain = false;
+  private readonly sessions: LiveSession[] = [];
+
+  constructor(
+    readonly d: Delivery,
+    readonly route: Route,
+    readonly recipients: LegRecipient[],
+  ) {}
+
+  private get ctx(): ProxyContext {
+    return this.d.ctx;
+  }
+
+  async open(): Promise<void> {
+    const { ctx, route } = this;
+    const port = route.ports.lmtp;
+    // Registered from the start: a failover event that moves one of these users while we
+    // talk to the old master aborts this leg (451, Postfix retries against the new one).
+    for (const r of this.recipients) {
+      const s: LiveSession = { protocol: 'lmtp', route: r.rcpt.route, end: (why) => this.routeChanged(why) };
+      this.sessions.push(s);
+      ctx.registry.add(s);
+    }
+    if (!port) {
+      this.fail(new Error(`slot ${route.slot} has no lmtp port`), 'unreachable');
+      return;
+    }
+    try {
+      const client = await LmtpClient.connect({
+        host: route.host,
+        port,
+        connectTimeoutMs: ctx.backend.connect_timeout_ms,
+        timeoutMs: this.d.settings.timeoutMs,
+        tls: backendTlsFor(ctx.backend, route.slot),
+        lhlo: this.d.settings.hostname,
+      });
+      if (this.state !== 'opening') {
+        client.destroy();
+        return;
+      }
+      this.client = client;
+      client.onFailure((e) => this.fail(e, 'lost'));
+      const { from, size, body8bit } = this.d.envelope;
+      const env = await client.envelope(
+        from,
+        this.recipients.map((r) => r.mailbox),
+        { ...(size === undefined ? {} : { size }), body8bit },
+      );
+      if (!isPositive(env.mail)) {
+        // The backend refused the sender: that is every recipient's answer.
+        for (const r of this.recipients) this.d.settle(r.index, passThrough(env.mail));
+        this.finishQuietly();
+        return;
+      }
+      this.recipients.forEach((r, i) => {
+        const rr = env.rcpts[i];
+        if (rr && isPositive(rr)) this.accepted.push(r);
+        else this.d.settle(r.index, rr ? passThrough(rr) : tempFail(r.rcpt.address, 'lost'));
+      });
+      if (this.accepted.length === 0) {
+        this.finishQuietly();
+        return;
+      }
+      const data = await client.data();
+      if (data.code !== 354) {
+        for (const r of this.accepted) this.d.settle(r.index, passThrough(data));
+        this.finishQuietly();
+        return;
+      }
+      if (this.state === 'opening') this.state = 'streaming';
+    } catch (e) {
+      this.fail(e as Error, e instanceof BackendRefused ? 'unreachable' : 'lost');
+    }
+  }
+
+  /** An event changed a route this leg delivers on. After the dot it is too late to matter. */
+  private routeChanged(why: string): void {
+    if (this.state === 'opening' || this.state === 'streaming') this.fail(new Error(`route changed: ${why}`), 'moved');
+  }
+
+  write(chunk: Buffer): void {
+    if (this.state !== 'streaming' || !this.client) return;
+    try {
+      this.needsDrain = !this.client.write(chunk);
+    } catch (e) {
+      this.fail(e as Error, 'lost');
+    }
+  }
+
+  async drained(): Promise<void> {
+    if (this.state !== 'streaming' || !this.needsDrain || !this.client) return;
+    try {
+      await this.client.drained();
+      this.needsDrain = false;
+    } catch (e) {
+      this.fail(e as Error, 'lost');
+    }
+  }
+
+  /** Sends the dot and collects one reply per accepted recipient. */
+  async end(): Promise<void> {
+    if (this.state !== 'streaming' || !this.client) return;
+    this.state = 'ending';
+    const { replies, error } = await this.client.endData(this.accepted.length);
+    this.accepted.forEach((r, i) => {
+      const rr = replies[i];
+      // No reply: the backend may or may not have stored it. 451 makes Postfix retry, which
+      // at worst delivers a duplicate; a 250 here could lose the message.
+      this.d.settle(r.index, rr ? passThrough(rr) : tempFail(r.rcpt.address, 'unconfirmed'));
+    });
+    if (error) {
+      this.noteFailure(error);
+      this.state = 'failed';
+      this.client.destroy();
+      this.unregister();
+    } else this.finishQuietly();
+  }
+
+  /** Drops the backend connection (no dot sent); every recipient without an answer gets a 451. */
+  fail(e: Error, why: FailWhy): void {
+    // After the dot, end() owns the outcome: it settles the replies that did arrive first.
+    if (this.state === 'done' || this.state === 'failed' || this.state === 'ending') return;
+    this.state = 'failed';
+    this.client?.destroy();
+    this.noteFailure(e);
+    for (const r of this.recipients) this.d.settle(r.index, tempFail(r.rcpt.address, why));
+    this.unregister();
+  }
+
+  private noteFailure(e: Error): void {
+    this.d.totals.backendFailures++;
+    this.ctx.log.warn('lmtp backend failed', {
+      slot: this.route.slot,
+      host: this.route.host,
+      port: this.route.ports.lmtp,
+      recipients: this.recipients.length,
+      error: e.message,
+    });
+  }
+
+  private finishQuietly(): void {
+    if (this.state === 'failed' || this.state === 'done') return;
+    this.state = 'done';
+    this.client?.quit();
+    this.unregister();
+  }
+
+  private unregister(): void {
+    for (const s of this.sessions.splice(0)) this.ctx.registry.remove(s);
+  }
+
+  /** Any route this leg holds that an event made wrong while it was being opened. */
+  stale(): boolean {
+    return this.recipients.some((r) => !this.ctx.router.stillValid(r.rcpt.route));
+  }
+}
+
+type FailWhy = 'unreachable' | 'lost' | 'unconfirmed' | 'moved';
+
+function tempFail(address: string, why: FailWhy): Reply {
+  switch (why) {
+    case 'unreachable':
+      return reply(451, '4.4.1', `<${address}> Mail store not reachable, try again later`);
+    case 'moved':
+      return reply(451, '4.3.0', `<${address}> Mailbox is being moved, try again later`);
+    case 'unconfirmed':
+      return reply(451, '4.4.2', `<${address}> Mail store did not confirm delivery, try again later`);
+    default:
+      return reply(451, '4.4.2', `<${address}> Connection to mail store failed, try again later`);
+  }
+}
+
+/** A backend's reply, as the client gets it: same code and enhanced code, same text. */
+function passThrough(r: Reply): Reply {
+  return r.enhanced === undefined ? { code: r.code, lines: r.lines } : { code: r.code, enhanced: r.enhanced, lines: r.lines };
+}
+
+export interface DeliveryCounters {
+  backendFailures: number;
+}
+
+export class Delivery {
+  private readonly results: (Reply | undefined)[];
+  private legs: Leg[] = [];
+
+  constructor(
+    readonly ctx: ProxyContext,
+    readonly settings: DeliverySettings,
+    readonly envelope: DeliveryEnvelope,
+    readonly recipients: Recipient[],
+    readonly totals: DeliveryCounters,
+  ) {
+    this.results = recipients.map(() => undefined);
+  }
+
+  /** Records a recipient's final reply; the first one stands unless `overwrite`. */
+  settle(index: number, r: Reply, overwrite = false): void {
+    if (this.results[index] === undefined || overwrite) this.results[index] = r;
+  }
+
+  /**
+   * Finds each recipient's current route (a failover may have happened since RCPT), then
+   * opens one backend transaction per slot, up to the backend's 354. Never throws: a
+   * recipient that cannot be delivered to has its reply settled instead.
+   */
+  async open(): Promise<void> {
+    const groups = new Map<string, { route: Route; recipients: LegRecipient[]; seen: Set<string> }>();
+    await Promise.all(
+      this.recipients.map(async (rcpt, index) => {
+        let route: Route;
+        try {
+          route = await this.ctx.router.resolve(rcpt.login);
+        } catch (e) {
+          if (!(e instanceof LookupFailure)) throw e;
+          this.settle(index, lookupFailureReply(e, rcpt.address));
+          return;
+        }
+        rcpt.route = route;
+        const key = `${route.slot}\0${route.host}\0${route.ports.lmtp ?? ''}`;
+        let g = groups.get(key);
+        if (!g) groups.set(key, (g = { route, recipients: [], seen: new Set() }));
+        g.recipients.push({ rcpt, index, mailbox: backendAddress(route, rcpt.detail) });
+      }),
+    );
+    // Keep RCPT order within each backend transaction.
+    for (const g of groups.values()) g.recipients.sort((a, b) => a.index - b.index);
+    this.legs = [...groups.values()].map((g) => new Leg(this, g.route, g.recipients));
+    await Promise.all(this.legs.map((l) => l.open()));
+    // An event that arrived while a leg was opening found it registered and failed it; one
+    // that was applied between our resolve and the registration is caught here.
+    for (const l of this.legs) if (l.stale()) l.fail(new Error('route changed while opening'), 'moved');
+  }
+
+  /** Whether any backend still waits for the message. */
+  get streaming(): boolean {
+    return this.legs.some((l) => l.state === 'streaming');
+  }
+
+  /** Writes content to every live backend; false when one of them needs to drain first. */
+  write(chunk: Buffer): boolean {
+    let ok = true;
+    for (const l of this.legs) {
+      l.write(chunk);
+      if (l.state === 'streaming' && l.needsDrain) ok = false;
+    }
+    return ok;
+  }
+
+  /** Resolves when every live backend has drained (or failed, or timed out and failed). */
+  async drained(): Promise<void> {
+    await Promise.all(this.legs.map((l) => l.drained()));
+  }
+
+  /** Abandons the message on every backend (client gone, message too big): no dot is sent. */
+  abort(reason: string): void {
+    for (const l of this.legs) if (l.state === 'opening' || l.state === 'streaming') l.fail(new Error(reason), 'lost');
+  }
+
+  /** Ends the message on every live backend; one reply per recipient, in the given order. */
+  async finish(): Promise<Reply[]> {
+    await Promise.all(this.legs.map((l) => l.end()));
+    return this.results.map((r, i) => r ?? tempFail(this.recipients[i]!.address, 'lost'));
+  }
+
+  /** For logs: the backend replies as text. */
+  static describe(replies: Reply[]): string {
+    return replies.map(replyText).join('; ');
+  }
+}

@@ -1,0 +1,413 @@
+import { execFile } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { lmtpTotals } from '../src/lmtp/metrics.js';
+import { lmtpTransaction, openLmtp, wireBody, type RawLmtp } from './harness/lmtp.js';
+import { freePort } from './harness/ports.js';
+import { startWorld, type World } from './harness/world.js';
+import { startProxy, type TestProxy } from './support/proxy.js';
+import { changeInRedis, seedRedis, worldRoutes } from './support/routes.js';
+
+// The LMTP front end against real Dovecot LMTP on two slots, routes in a real Redis.
+// alice and carol live on store1 (master slotA), bob on store2 (master slotB).
+
+const execFileP = promisify(execFile);
+
+let world: World;
+let proxy: TestProxy;
+let socketPath: string;
+let seq = 0;
+
+const MAX_SIZE = 1024 * 1024;
+
+beforeAll(async () => {
+  world = await startWorld({ redis: true });
+  await seedRedis(world.redis!.url, worldRoutes(world));
+  socketPath = join(mkdtempSync(join(tmpdir(), 'mailsplice-lmtp-')), 'lmtp.sock');
+  proxy = await startProxy({
+    listeners: [{ protocol: 'lmtp', path: socketPath }],
+    lookup: { redis: { url: world.redis!.url }, max_stale_ms: 0 },
+    limits: { bad_commands: 5, line_length: 1024 },
+    lmtp: { max_message_size: MAX_SIZE, max_recipients: 5, timeout_ms: 3000 },
+  });
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  await world?.stop();
+});
+
+const target = () => ({ host: '127.0.0.1', port: proxy.ports.lmtp! });
+
+/** A message with a Subject nobody else uses, so a maildir can be searched for it. */
+function message(extra = ''): { subject: string; body: string } {
+  const subject = `lmtp-test-${process.pid}-${++seq}`;
+  return { subject, body: `From: sender@example.net\nSubject: ${subject}\n\nHello.\n${extra}` };
+}
+
+async function copies(slot: World['slotA'], user: string, subject: string): Promise<string[]> {
+  return (await slot.messages(user)).filter((m) => m.includes(`Subject: ${subject}\n`));
+}
+
+async function session(): Promise<RawLmtp> {
+  const c = await openLmtp(target());
+  expect(await c.line()).toMatch(/^220 /);
+  return c;
+}
+
+describe('delivery across slots', () => {
+  it('answers once per accepted recipient, in RCPT order, with each backend real result', async () => {
+    const { subject, body } = message();
+    const t = await lmtpTransaction(target(), 'sender@example.net', ['alice@example.com', 'bob@example.com', 'nobody@example.com', 'Carol@Example.COM'], body);
+    expect(t.greeting).toMatch(/^220 mailsplice LMTP/);
+    expect(t.rcpt[0]).toMatch(/^250 2\.1\.5 /);
+    expect(t.rcpt[1]).toMatch(/^250 2\.1\.5 /);
+    expect(t.rcpt[2]).toBe('550 5.1.1 <nobody@example.com> User unknown');
+    expect(t.rcpt[3]).toMatch(/^250 2\.1\.5 /);
+    expect(t.data).toMatch(/^354 /);
+    expect(t.results).toHaveLength(3);
+    // Dovecot's own replies, passed through: they name the recipient.
+    expect(t.results[0]).toMatch(/^250 2\.0\.0 <alice@example\.com> .* Saved$/);
+    expect(t.results[1]).toMatch(/^250 2\.0\.0 <bob@example\.com> .* Saved$/);
+    expect(t.results[2]).toMatch(/^250 2\.0\.0 <carol@example\.com> .* Saved$/);
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotA, 'carol@example.com', subject)).toHaveLength(1);
+    // Nothing on the replicas: each copy went to its store's master only.
+    expect(await copies(world.slotB, 'alice@example.com', subject)).toHaveLength(0);
+    expect(await copies(world.slotA, 'bob@example.com', subject)).toHaveLength(0);
+  });
+
+  it('gives swaks one reply per recipient (an independent LMTP client)', async () => {
+    const { subject } = message();
+    const { stdout } = await execFileP(
+      'swaks',
+      ['--protocol', 'LMTP', '--server', '127.0.0.1', '--port', String(proxy.ports.lmtp), '--from', 'sender@example.net',
+        '--to', 'bob@example.com,ghost@example.com,alice@example.com', '--header', `Subject: ${subject}`, '--body', 'via swaks'],
+      { timeout: 30_000 },
+    ).catch((e: { stdout: string }) => ({ stdout: e.stdout }));
+    // swaks prints what it sends as " -> line" and what it reads as "<-  line".
+    const afterDot = stdout.split(/\n -> \.\n/)[1] ?? '';
+    const replies = afterDot.split('\n').filter((l) => /^<[-~*]+\s+\d{3} /.test(l)).map((l) => l.replace(/^<[-~*]+\s+/, ''));
+    expect(replies.slice(0, 2), stdout).toEqual([
+      expect.stringMatching(/^250 2\.0\.0 <bob@example\.com> /),
+      expect.stringMatching(/^250 2\.0\.0 <alice@example\.com> /),
+    ]);
+    expect(stdout).toMatch(/RCPT TO:<ghost@example.com>\n.*550 5\.1\.1/);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(1);
+  });
+
+  it('passes a backend refusal of one recipient through as that recipient result only', async () => {
+    // ghost2 is routed (the lookup knows it) but slotA's userdb does not: Dovecot says 550.
+    await changeInRedis(world.redis!.url, 'user', 'ghost2@example.com', { store: 'store1' });
+    const { subject, body } = message();
+    const t = await lmtpTransaction(target(), 'sender@example.net', ['ghost2@example.com', 'alice@example.com'], body);
+    expect(t.rcpt).toEqual([expect.stringMatching(/^250 /), expect.stringMatching(/^250 /)]);
+    expect(t.results[0]).toMatch(/^550 5\.1\.1 <ghost2@example\.com> User doesn't exist/);
+    expect(t.results[1]).toMatch(/^250 2\.0\.0 <alice@example\.com> /);
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(1);
+  });
+
+  it('looks up user+detail as the user when the whole address is unknown, and gives the backend the detail', async () => {
+    const { subject, body } = message();
+    const t = await lmtpTransaction(target(), 'sender@example.net', ['Alice+News@example.com'], body);
+    expect(t.rcpt[0]).toMatch(/^250 /);
+    expect(t.results[0]).toMatch(/^250 2\.0\.0 <alice\+News@example\.com> /);
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(1);
+    const u = await lmtpTransaction(target(), 'sender@example.net', ['nobody+x@example.com'], body);
+    expect(u.rcpt[0]).toBe('550 5.1.1 <nobody+x@example.com> User unknown');
+  });
+
+  it('delivers a repeated recipient once and answers each RCPT', async () => {
+    const { subject, body } = message();
+    const t = await lmtpTransaction(target(), '', ['bob@example.com', 'BOB@example.com'], body);
+    expect(t.results).toEqual([expect.stringMatching(/^250 /), expect.stringMatching(/^250 /)]);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
+  });
+
+  it('works over the unix socket', async () => {
+    const { subject, body } = message();
+    const t = await lmtpTransaction({ path: socketPath }, 'sender@example.net', ['bob@example.com'], body);
+    expect(t.results[0]).toMatch(/^250 /);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
+  });
+
+  it('keeps the message whole: dot lines, 8-bit text, and a smuggled LF.LF stay content', async () => {
+    const { subject } = message();
+    // Raw wire text, written as a crafted client would: a bare "\n.\n" followed by what
+    // would be commands on a lax server. Dovecot 2.3 ends DATA on LF "." LF itself.
+    const wire =
+      `Subject: ${subject}\r\n\r\n.leading dot\r\n..two dots\r\ncaf\xc3\xa9\r\n` +
+      'smuggle\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n';
+    const c = await session();
+    c.write('LHLO t\r\nMAIL FROM:<s@example.net> BODY=8BITMIME\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n');
+    for (let i = 0; i < 3; i++) expect(await c.line()).toMatch(/^250 /);
+    expect(await c.line()).toMatch(/^354 /);
+    c.write(Buffer.from(wire, 'latin1'));
+    expect(await c.line()).toMatch(/^250 2\.0\.0 <alice@example\.com>/);
+    c.send('QUIT');
+    expect(await c.line()).toMatch(/^221 /);
+    c.close();
+    const [m] = await copies(world.slotA, 'alice@example.com', subject);
+    expect(m).toContain('\nleading dot\n.two dots\ncafé\n');
+    expect(m).toContain('smuggle\n.\nMAIL FROM:<evil@example.net>\nRCPT TO:<carol@example.com>\nDATA\nSubject: smuggled\n\nx\n');
+    expect((await world.slotA.messages('carol@example.com')).some((x) => x.includes('Subject: smuggled'))).toBe(false);
+  });
+
+  it('runs several transactions on one connection (RSET between, as Postfix does)', async () => {
+    const c = await session();
+    c.send('LHLO t');
+    expect((await c.reply()).join('\n')).toMatch(/^250-mailsplice\n250-PIPELINING\n250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250 SIZE 1048576$/);
+    const subjects: string[] = [];
+    for (const rcpt of ['alice@example.com', 'bob@example.com', 'carol@example.com']) {
+      const { subject, body } = message();
+      subjects.push(subject);
+      c.write(`MAIL FROM:<s@example.net>\r\nRCPT TO:<${rcpt}>\r\nDATA\r\n`);
+      expect(await c.line()).toMatch(/^250 2\.1\.0/);
+      expect(await c.line()).toMatch(/^250 2\.1\.5/);
+      expect(await c.line()).toMatch(/^354/);
+      c.write(wireBody(body));
+      expect(await c.line()).toMatch(/^250 2\.0\.0/);
+      c.send('RSET');
+      expect(await c.line()).toBe('250 2.0.0 OK');
+    }
+    c.close();
+    expect(await copies(world.slotA, 'alice@example.com', subjects[0]!)).toHaveLength(1);
+    expect(await copies(world.slotB, 'bob@example.com', subjects[1]!)).toHaveLength(1);
+    expect(await copies(world.slotA, 'carol@example.com', subjects[2]!)).toHaveLength(1);
+  });
+});
+
+describe('temporary failures (Postfix must keep the message)', () => {
+  it('answers 451 for a locked user, a locked store and a slot that is down', async () => {
+    const t = await lmtpTransaction(target(), 's@example.net', ['locked@example.com', 'alice@example.com'], message().body);
+    expect(t.rcpt[0]).toMatch(/^451 4\.2\.1 <locked@example\.com> Mailbox temporarily locked/);
+    expect(t.results[0]).toMatch(/^250 /);
+
+    await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'locked', epoch: '2' });
+    try {
+      const u = await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], message().body);
+      expect(u.rcpt[0]).toMatch(/^451 4\.2\.1 <bob@example\.com> /);
+      expect(u.data).toMatch(/^503 5\.5\.1 /);
+    } finally {
+      await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'active', epoch: '3' });
+    }
+
+    await changeInRedis(world.redis!.url, 'slot', 'slotB', { status: 'down' });
+    try {
+      const v = await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], message().body);
+      expect(v.rcpt[0]).toMatch(/^451 4\.3\.0 <bob@example\.com> Mailbox temporarily unavailable/);
+    } finally {
+      await changeInRedis(world.redis!.url, 'slot', 'slotB', { status: 'up' });
+    }
+  });
+
+  it('gives 451 to the recipients of a backend stopped before DATA; the others are delivered', async () => {
+    const { subject, body } = message();
+    const c = await session();
+    c.write('LHLO t\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\n');
+    for (let i = 0; i < 5; i++) expect(await c.line()).toMatch(/^250 /);
+    await world.slotB.stop();
+    try {
+      c.send('DATA');
+      expect(await c.line()).toMatch(/^354 /);
+      c.write(wireBody(body));
+      expect(await c.line()).toMatch(/^250 2\.0\.0 <alice@example\.com>/);
+      expect(await c.line()).toBe('451 4.4.1 <bob@example.com> Mail store not reachable, try again later');
+      expect(await c.line()).toMatch(/^250 2\.0\.0 <carol@example\.com>/);
+      c.close();
+    } finally {
+      await world.slotB.start();
+    }
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotA, 'carol@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(0);
+  });
+
+  it('gives 451 to the recipients of a backend killed during DATA; what got 250 is on disk', async () => {
+    const { subject, body } = message();
+    const c = await session();
+    c.write('LHLO t\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n');
+    for (let i = 0; i < 4; i++) expect(await c.line()).toMatch(/^250 /);
+    expect(await c.line()).toMatch(/^354 /);
+    // Half the message, then slotB goes away, then the rest.
+    const filler = `${'x'.repeat(998)}\r\n`.repeat(200);
+    c.write(`Subject: ${subject}\r\n\r\n${filler}`);
+    await c.drained();
+    await world.slotB.stop();
+    try {
+      c.write(`${filler}${wireBody(body).replace(/^/, 'tail\r\n')}`);
+      expect(await c.line()).toMatch(/^451 4\.4\.2 <bob@example\.com> /);
+      expect(await c.line()).toMatch(/^250 2\.0\.0 <alice@example\.com>/);
+      c.close();
+    } finally {
+      await world.slotB.start();
+    }
+    const [m] = await copies(world.slotA, 'alice@example.com', subject);
+    expect(m).toBeDefined();
+    expect(m!.length).toBeGreaterThan(400 * 999);
+    expect(m).toContain('\ntail\n');
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(0);
+  });
+
+  it('gives 451 when a backend does not answer within timeout_ms', async () => {
+    // A slot whose LMTP port accepts connections and then says nothing at all.
+    const hole = net.createServer(() => undefined);
+    const port = await freePort('127.0.0.1');
+    await new Promise<void>((r) => hole.listen(port, '127.0.0.1', () => r()));
+    await changeInRedis(world.redis!.url, 'slot', 'slotHole', { host: '127.0.0.1', lmtp: String(port), status: 'up' });
+    await changeInRedis(world.redis!.url, 'store', 'storeHole', { master: 'slotHole', status: 'active', epoch: '1' });
+    await changeInRedis(world.redis!.url, 'user', 'hole@example.com', { store: 'storeHole' });
+    try {
+      const started = Date.now();
+      const t = await lmtpTransaction(target(), 's@example.net', ['hole@example.com', 'bob@example.com'], message().body);
+      expect(t.results[0]).toMatch(/^451 4\.4\.2 <hole@example\.com> /);
+      expect(t.results[1]).toMatch(/^250 /);
+      expect(Date.now() - started).toBeLessThan(10_000);
+    } finally {
+      hole.close();
+    }
+  });
+
+  it('delivers to the new master when the store moved between RCPT and DATA', async () => {
+    const { subject, body } = message();
+    const c = await session();
+    c.write('LHLO t\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<carol@example.com>\r\n');
+    for (let i = 0; i < 3; i++) expect(await c.line()).toMatch(/^250 /);
+    await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotB', replicas: 'slotA', epoch: '5' });
+    try {
+      // The event reaches the proxy asynchronously: give it a moment.
+      await new Promise((r) => setTimeout(r, 300));
+      c.send('DATA');
+      expect(await c.line()).toMatch(/^354 /);
+      c.write(wireBody(body));
+      expect(await c.line()).toMatch(/^250 2\.0\.0 <carol@example\.com>/);
+      c.close();
+    } finally {
+      await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '6' });
+    }
+    expect(await copies(world.slotB, 'carol@example.com', subject)).toHaveLength(1);
+    expect(await copies(world.slotA, 'carol@example.com', subject)).toHaveLength(0);
+  });
+});
+
+describe('protocol', () => {
+  let c: RawLmtp;
+  beforeEach(async () => {
+    c = await session();
+    return () => c.close();
+  });
+
+  it('enforces the command sequence and refuses what it does not offer', async () => {
+    c.send('MAIL FROM:<a@b.c>');
+    expect(await c.line()).toBe('503 5.5.1 Send LHLO first');
+    c.send('HELO x');
+    expect(await c.line()).toMatch(/^500 5\.5\.1 /);
+    c.send('LHLO t');
+    await c.reply();
+    c.send('RCPT TO:<alice@example.com>');
+    expect(await c.line()).toBe('503 5.5.1 Need MAIL command');
+    c.send('DATA');
+    expect(await c.line()).toBe('503 5.5.1 Need MAIL command');
+    c.send('VRFY alice@example.com');
+    expect(await c.line()).toBe('502 5.5.1 VRFY command is disabled');
+    c.send('NOOP');
+    expect(await c.line()).toBe('250 2.0.0 OK');
+    c.send('MAIL FROM:<a@b.c> RET=FULL');
+    expect(await c.line()).toBe('555 5.5.4 Unsupported parameter RET');
+    c.send('MAIL FROM:<a@b.c> SIZE=2000000');
+    expect(await c.line()).toMatch(/^552 5\.3\.4 /);
+    c.send('MAIL FROM:a@b.c');
+    expect(await c.line()).toMatch(/^501 5\.1\.7 /);
+  });
+
+  it('refuses DATA without a valid recipient, bad addresses and too many recipients', async () => {
+    c.write('LHLO t\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<nobody@example.com>\r\nDATA\r\n');
+    await c.reply();
+    expect(await c.line()).toMatch(/^250 /);
+    expect(await c.line()).toMatch(/^550 5\.1\.1 /);
+    expect(await c.line()).toBe('503 5.5.1 No valid recipients');
+    c.send('RCPT TO:<alice>');
+    expect(await c.line()).toMatch(/^501 5\.1\.3 /);
+    c.send('RSET');
+    expect(await c.line()).toBe('250 2.0.0 OK');
+    c.send('MAIL FROM:<a@b.c>');
+    await c.line();
+    for (let i = 0; i < 5; i++) {
+      c.send('RCPT TO:<alice@example.com>');
+      expect(await c.line()).toMatch(/^250 /);
+    }
+    c.send('RCPT TO:<bob@example.com>');
+    expect(await c.line()).toBe('452 4.5.3 Too many recipients');
+  });
+
+  it('answers 552 per recipient for a message over the limit without SIZE, and delivers nothing', async () => {
+    const { subject } = message();
+    c.write('LHLO t\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n');
+    await c.reply();
+    for (let i = 0; i < 3; i++) await c.line();
+    expect(await c.line()).toMatch(/^354/);
+    c.write(`Subject: ${subject}\r\n\r\n`);
+    const line = `${'y'.repeat(1000)}\r\n`;
+    for (let i = 0; i < 1100; i++) c.write(line);
+    c.write('.\r\n');
+    expect(await c.line()).toMatch(/^552 5\.3\.4 /);
+    expect(await c.line()).toMatch(/^552 5\.3\.4 /);
+    // The connection goes on.
+    c.send('NOOP');
+    expect(await c.line()).toBe('250 2.0.0 OK');
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(0);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(0);
+  });
+
+  it('answers a too long line with 500 and carries on; closes after too many errors', async () => {
+    c.send(`NOOP ${'z'.repeat(2000)}`);
+    expect(await c.line()).toBe('500 5.5.2 Line too long');
+    c.send('NOOP');
+    expect(await c.line()).toBe('250 2.0.0 OK');
+    for (let i = 0; i < 3; i++) {
+      c.send('BOGUS');
+      expect(await c.line()).toBe('500 5.5.1 Unknown command');
+    }
+    // The fifth error (bad_commands: 5) is answered, then the connection is closed.
+    c.send('BOGUS');
+    expect(await c.line()).toBe('500 5.5.1 Unknown command');
+    expect(await c.line()).toMatch(/^421 4\.7\.0 /);
+    await c.closed;
+  });
+
+  it('closes an idle connection with 421 after timeout_ms', async () => {
+    const started = Date.now();
+    expect(await c.line(10_000)).toMatch(/^421 4\.4\.2 /);
+    expect(Date.now() - started).toBeGreaterThan(2500);
+    await c.closed;
+  });
+
+  it('drops a message whose client goes away mid-DATA: nothing is delivered', async () => {
+    const { subject } = message();
+    c.write('LHLO t\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n');
+    await c.reply();
+    for (let i = 0; i < 2; i++) await c.line();
+    expect(await c.line()).toMatch(/^354/);
+    c.write(`Subject: ${subject}\r\n\r\nhalf a message\r\n`);
+    await new Promise((r) => setTimeout(r, 200));
+    c.socket.destroy();
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(0);
+  });
+
+  it('counts what it did', () => {
+    expect(lmtpTotals.rcpt.accepted).toBeGreaterThan(10);
+    expect(lmtpTotals.rcpt.unknown).toBeGreaterThan(0);
+    expect(lmtpTotals.rcpt.locked).toBeGreaterThan(0);
+    expect(lmtpTotals.delivery.delivered).toBeGreaterThan(10);
+    expect(lmtpTotals.delivery.deferred).toBeGreaterThan(0);
+    expect(lmtpTotals.delivery.rejected).toBeGreaterThan(0);
+    expect(proxy.server.ctx.counters.logins.lmtp.ok).toBe(lmtpTotals.rcpt.accepted);
+  });
+});
