@@ -381,6 +381,46 @@ describe('protocol', () => {
     await c.closed;
   });
 
+  it('stops reading from a client that pipelines without reading the replies', async () => {
+    c.close();
+    const n = 1_000_000;
+    const reply = '250 2.0.0 OK\r\n';
+    // A proxy of its own with a long timeout, so waiting here cannot end the connection.
+    const patient = await startProxy({
+      listeners: [{ protocol: 'lmtp' }],
+      lookup: { redis: { url: world.redis!.url } },
+      lmtp: { timeout_ms: 60_000 },
+    });
+    const s = net.connect(patient.ports.lmtp!, '127.0.0.1');
+    await new Promise((r) => s.once('connect', r));
+    s.pause(); // we read nothing until told
+    s.write('NOOP\r\n'.repeat(n));
+    // 14 MB of replies do not fit in the kernel's socket buffers: the proxy must stop reading
+    // once they back up, so part of our 6 MB stays unsent on our side for good. (A proxy that
+    // kept reading would answer all 1M NOOPs into its memory in about 4 s.)
+    let last = -1;
+    for (let stable = 0, t = 0; stable < 5 && t < 100; t++) {
+      await new Promise((r) => setTimeout(r, 200));
+      stable = s.writableLength === last ? stable + 1 : 0;
+      last = s.writableLength;
+    }
+    expect(s.writableLength).toBeGreaterThan(0);
+    let received = '';
+    let bytes = 0;
+    const all = new Promise<void>((resolve) =>
+      s.on('data', (d: Buffer) => {
+        bytes += d.length;
+        if (received.length < 200) received += d.toString('latin1');
+        if (bytes >= received.indexOf('\r\n') + 2 + n * reply.length) resolve();
+      }),
+    );
+    s.resume();
+    await all;
+    expect(received).toMatch(/^220 [^\r]*\r\n250 2\.0\.0 OK\r\n250 2\.0\.0 OK/);
+    s.destroy();
+    await patient.close();
+  }, 60_000);
+
   it('closes an idle connection with 421 after timeout_ms', async () => {
     const started = Date.now();
     expect(await c.line(10_000)).toMatch(/^421 4\.4\.2 /);

@@ -54,6 +54,9 @@ export class LmtpSession {
   /** Set while we wait for client input; resolved by data, end or close. */
   private wake: (() => void) | undefined;
   private waitingForClient = false;
+  /** Set while we wait for the client to read our replies. */
+  private drainWaiter: (() => void) | undefined;
+  private unreadAtLastTick = Infinity;
   private readonly idle: NodeJS.Timeout;
   private lhlo = false;
   private tx: Transaction | undefined;
@@ -106,7 +109,11 @@ export class LmtpSession {
 
   private readonly onIdle = (): void => {
     if (this.closed) return;
-    if (!this.waitingForClient) {
+    // Waiting for the client to read our replies: it is idle only if it read nothing since.
+    const unread = this.socket.writableLength;
+    const reading = this.drainWaiter !== undefined && unread < this.unreadAtLastTick;
+    this.unreadAtLastTick = unread;
+    if (!this.waitingForClient || reading) {
       // We are the slow side (a backend is working): the client is not idle.
       this.idle.refresh();
       return;
@@ -121,13 +128,32 @@ export class LmtpSession {
     w?.();
   }
 
-  /** Waits for more input; throws ClientGone when there will be none. */
+  /**
+   * Waits for more input; throws ClientGone when there will be none. A client that pipelines
+   * without reading our replies is not read from until it has taken them (the idle timeout
+   * applies to that wait as well), so unread replies cannot pile up in our memory either.
+   */
   private async more(): Promise<void> {
     if (this.closed || this.ended) throw new ClientGone();
     this.waitingForClient = true;
     this.idle.refresh();
-    this.socket.resume();
     try {
+      if (this.socket.writableNeedDrain) {
+        this.socket.pause();
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            this.socket.off('drain', done);
+            this.socket.off('close', done);
+            this.drainWaiter = undefined;
+            resolve();
+          };
+          this.socket.on('drain', done);
+          this.socket.on('close', done);
+          this.drainWaiter = done;
+        });
+        if (this.closed) throw new ClientGone();
+      }
+      this.socket.resume();
       await new Promise<void>((resolve) => (this.wake = resolve));
     } finally {
       this.waitingForClient = false;
@@ -414,7 +440,13 @@ export class LmtpSession {
       totals.delivery[r.code < 300 ? 'delivered' : r.code < 500 ? 'deferred' : 'rejected']++;
       this.write(r);
     }
-    this.ctx.log.debug('lmtp delivered', { peer: this.peer, bytes: decoder.bytes, results: Delivery.describe(results) });
+    // One line per message, like an MTA's: who, how big, and every recipient's answer.
+    this.ctx.log.info('lmtp message', {
+      peer: this.peer,
+      from: tx.from,
+      bytes: decoder.bytes,
+      results: tx.unique.map((r, i) => `${r.address}: ${Delivery.describe([results[i]!])}`).join('; '),
+    });
   }
 
   // ---- end -----------------------------------------------------------------------------
@@ -436,6 +468,7 @@ export class LmtpSession {
       // Give our last reply a moment to leave, then let go whatever the peer does.
       setTimeout(() => this.socket.destroy(), 2000).unref();
     }
+    this.drainWaiter?.();
     this.wakeUp();
   }
 

@@ -32,6 +32,7 @@ export function openLmtp(target: LmtpTarget, timeoutMs = 10_000): Promise<RawLmt
     let buf = '';
     let current: string[] = [];
     const replies: string[][] = [];
+    let head = 0; // index of the next unread reply (shift() on a long array is slow)
     let waiter: (() => void) | undefined;
     let gone: Error | undefined;
     let onClosed!: () => void;
@@ -39,16 +40,18 @@ export function openLmtp(target: LmtpTarget, timeoutMs = 10_000): Promise<RawLmt
     socket.setEncoding('latin1');
     socket.on('data', (chunk: string) => {
       buf += chunk;
+      let start = 0;
       let i: number;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i).replace(/\r$/, '');
-        buf = buf.slice(i + 1);
+      while ((i = buf.indexOf('\n', start)) >= 0) {
+        const line = buf.slice(start, i > start && buf[i - 1] === '\r' ? i - 1 : i);
+        start = i + 1;
         current.push(line);
-        if (!/^\d{3}-/.test(line)) {
+        if (line[3] !== '-') {
           replies.push(current);
           current = [];
         }
       }
+      buf = buf.slice(start);
       waiter?.();
     });
     const end = (e: Error) => {
@@ -63,8 +66,15 @@ export function openLmtp(target: LmtpTarget, timeoutMs = 10_000): Promise<RawLmt
       const reply = async (ms = 30_000): Promise<string[]> => {
         const deadline = Date.now() + ms;
         for (;;) {
-          const r = replies.shift();
-          if (r) return r;
+          const r = replies[head];
+          if (r) {
+            replies[head++] = [];
+            if (head > 4096 && head * 2 > replies.length) {
+              replies.splice(0, head);
+              head = 0;
+            }
+            return r;
+          }
           if (gone) throw new Error(`no reply: ${gone.message}`);
           await new Promise<void>((res, rej) => {
             const t = setTimeout(() => rej(new Error(`no LMTP reply within ${ms} ms`)), Math.max(0, deadline - Date.now()));
