@@ -78,9 +78,18 @@ export abstract class PreauthConnection implements Expiring {
   /** Too slow: in the backend phase only the backend attempt is abandoned. */
   expire(): void {
     if (this.backendSocket) {
-      this.backendSocket.destroy(new Error('backend did not answer in time'));
-      this.deadline = this.loginDeadline;
-      this.rt.ctx.sweep.add(this);
+      const sock = this.backendSocket;
+      this.backendSocket = undefined;
+      sock.destroy(new Error('backend did not answer in time'));
+      // Back under the login deadline, unless that has passed too (the backend deadline is
+      // capped by it): re-adding an already expired entry would have the sweep visit it
+      // again in the same pass, forever.
+      if (this.loginDeadline > Date.now()) {
+        this.deadline = this.loginDeadline;
+        this.rt.ctx.sweep.add(this);
+      } else {
+        this.reader.fail(new Error('login timeout'));
+      }
     } else if (this.handshaking) {
       this.socket.destroy(); // the pending handshake fails with it
     } else {
@@ -164,6 +173,7 @@ export abstract class PreauthConnection implements Expiring {
     const port = route.ports[protocol];
     if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
+    this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot);
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });

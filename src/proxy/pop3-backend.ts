@@ -1,0 +1,137 @@
+import type { Socket } from 'node:net';
+import type { BackendTlsConfig } from '../config.js';
+import { BackendRefused, startBackendTls } from './backend.js';
+import type { ImapCredentials } from './imap-backend.js';
+import { LineReader } from './lines.js';
+
+// The backend half of a POP3 login (RFC 1939, 2449, 2595, 5034): greeting, CAPA, optional
+// STLS, then AUTH PLAIN or USER/PASS with the client's own credentials. The backend checks
+// the password; the proxy only carries it.
+
+/** The same shape as IMAP's: SASL PLAIN's three fields. */
+export type Pop3Credentials = ImapCredentials;
+
+export interface Pop3BackendLogin {
+  socket: Socket;
+  /** The backend's `+OK ...` line answering the login, for the client to see. */
+  okLine: string;
+  /** Bytes the backend sent past that line. */
+  rest: Buffer;
+}
+
+const MAX_BACKEND_LINE = 64 * 1024;
+/** A CAPA answer longer than this is not a POP3 server we understand. */
+const MAX_CAPA_LINES = 200;
+/** RFC 5034 section 4: an AUTH command with its initial response must fit in 255 octets. */
+const MAX_AUTH_LINE = 255;
+
+/** Reads a CAPA answer (RFC 2449); an empty set when the backend does not know CAPA. */
+async function capa(sock: Socket, reader: LineReader): Promise<Set<string>> {
+  sock.write('CAPA\r\n');
+  const first = await reader.line();
+  const caps = new Set<string>();
+  if (!first.startsWith('+OK')) return caps;
+  for (let i = 0; ; i++) {
+    const line = await reader.line();
+    if (line === '.') return caps;
+    if (i >= MAX_CAPA_LINES) throw new BackendRefused('unavailable', 'backend CAPA answer too long');
+    caps.add(line.trim().toUpperCase());
+  }
+}
+
+function saslPlain(caps: Set<string>): boolean {
+  for (const c of caps) if (/^SASL( |$)/.test(c) && c.split(/\s+/).includes('PLAIN')) return true;
+  return false;
+}
+
+/** A refusal in the backend's own words, which a POP3 client may be shown as they are. */
+export class Pop3Refused extends BackendRefused {
+  constructor(
+    kind: BackendRefused['kind'],
+    /** The backend's -ERR line. */
+    readonly line: string,
+  ) {
+    super(kind, `backend said ${line.slice(0, 200)}`);
+  }
+}
+
+/**
+ * What a backend's -ERR to a login means (RFC 2449 section 8, RFC 3206): the mailbox is
+ * busy, the server is in trouble, or the credentials are wrong. A bare -ERR is taken as
+ * the last, as RFC 3206 tells clients of servers without response codes to do.
+ */
+export function classifyErr(line: string): Pop3Refused {
+  const code = /^-ERR \[([^\]]+)\]/i.exec(line)?.[1]?.toUpperCase() ?? '';
+  if (code === 'IN-USE' || code === 'LOGIN-DELAY') return new Pop3Refused('in-use', line);
+  if (code.startsWith('SYS/')) return new Pop3Refused('unavailable', line);
+  return new Pop3Refused('auth', line);
+}
+
+/** True when a value can go on a POP3 command line without ending or splitting it. */
+function lineSafe(b: Buffer): boolean {
+  return !b.includes(13) && !b.includes(10) && !b.includes(0);
+}
+
+/**
+ * Logs in to a POP3 backend with the client's credentials. Prefers AUTH PLAIN (any bytes,
+ * and the only way to carry a proxy authorisation), else USER/PASS. Throws BackendRefused:
+ * `auth` when the backend refused the credentials, `in-use` when it said IN-USE or
+ * LOGIN-DELAY, `unavailable` for anything else.
+ */
+export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3Credentials, opts: { tls: BackendTlsConfig }): Promise<Pop3BackendLogin> {
+  let sock = socket;
+  let reader = new LineReader(sock, MAX_BACKEND_LINE);
+  try {
+    const greeting = await reader.line();
+    if (!greeting.startsWith('+OK')) throw new BackendRefused('unavailable', `backend greeted with ${greeting.slice(0, 200)}`);
+    let caps = await capa(sock, reader);
+
+    if (opts.tls.mode === 'starttls') {
+      // No CAPA (an RFC 1939-only server) says nothing either way: try STLS all the same.
+      if (caps.size > 0 && !caps.has('STLS')) throw new BackendRefused('unavailable', 'backend does not offer STLS');
+      sock.write('STLS\r\n');
+      const answer = await reader.line();
+      if (!answer.startsWith('+OK')) throw new BackendRefused('unavailable', `backend STLS: ${answer.slice(0, 200)}`);
+      reader.detach();
+      sock = await startBackendTls(sock, host, opts.tls);
+      reader = new LineReader(sock, MAX_BACKEND_LINE);
+      caps = await capa(sock, reader); // RFC 2595 section 4: what was said in clear is forgotten
+    }
+
+    const plain = Buffer.concat([creds.authzid ?? Buffer.alloc(0), Buffer.from([0]), creds.authcid, Buffer.from([0]), creds.password]).toString('base64');
+    let answer: string;
+    if (saslPlain(caps) || creds.authzid) {
+      if (!saslPlain(caps)) throw new BackendRefused('auth', 'backend does not offer SASL PLAIN for a proxy login');
+      const withIr = `AUTH PLAIN ${plain || '='}`;
+      if (withIr.length + 2 <= MAX_AUTH_LINE) {
+        sock.write(`${withIr}\r\n`);
+      } else {
+        sock.write('AUTH PLAIN\r\n');
+        const cont = await reader.line();
+        if (!cont.startsWith('+')) throw classifyErr(cont);
+        sock.write(`${plain}\r\n`);
+      }
+      answer = await reader.line();
+    } else {
+      if (caps.size > 0 && !caps.has('USER')) {
+        throw new BackendRefused('unavailable', 'backend offers neither USER nor SASL PLAIN (does it want TLS? see backend.tls)');
+      }
+      // USER/PASS put the values on a command line: a CR or LF in them (possible from an
+      // AUTH PLAIN client) would start a second command on the backend.
+      if (!lineSafe(creds.authcid) || !lineSafe(creds.password)) throw new BackendRefused('auth', 'credentials not representable with USER/PASS');
+      sock.write(`USER ${creds.authcid.toString('utf8')}\r\n`);
+      const user = await reader.line();
+      if (!user.startsWith('+OK')) throw classifyErr(user);
+      sock.write(Buffer.concat([Buffer.from('PASS '), creds.password, Buffer.from('\r\n')]));
+      answer = await reader.line();
+    }
+    if (answer.startsWith('+OK')) return { socket: sock, okLine: answer, rest: reader.detach() };
+    if (answer.startsWith('-ERR')) throw classifyErr(answer);
+    throw new BackendRefused('unavailable', `backend login: ${answer.slice(0, 200)}`);
+  } catch (e) {
+    reader.detach();
+    sock.destroy();
+    if (e instanceof BackendRefused) throw e;
+    throw new BackendRefused('unavailable', `backend dialogue failed: ${(e as Error).message}`);
+  }
+}

@@ -1,0 +1,229 @@
+import type { Socket } from 'node:net';
+import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
+import { decodePlain } from './imap.js';
+import { LineTooLong } from './lines.js';
+import { pop3BackendLogin, Pop3Refused, type Pop3Credentials } from './pop3-backend.js';
+
+// The POP3 pre-auth dialogue (RFC 1939, 2449, 2595, 5034, 3206): greeting, CAPA, USER/PASS,
+// AUTH PLAIN, STLS, QUIT, NOOP. Everything else before login is an error. After a
+// successful backend login the connection is spliced and this object is dropped. POP3 has
+// no unsolicited responses, so a session ended by an event is simply closed (no farewell).
+
+class StopDialogue extends Error {}
+
+/** RFC 2595 / Dovecot wording; [AUTH] because it concerns how the client authenticates. */
+const PLAINTEXT_REFUSED = '-ERR [AUTH] Plaintext authentication disallowed on non-secure connections, use STLS first\r\n';
+
+export class Pop3Preauth extends PreauthConnection {
+  /** The name from USER, waiting for PASS (RFC 1939: USER then PASS, nothing between). */
+  private user: string | undefined;
+
+  constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
+    super(rt, socket, ip, port);
+  }
+
+  /**
+   * RFC 2449 CAPA for the AUTHORIZATION state. TOP and UIDL are the backends' (every
+   * POP3 server this fronts has them) and are listed so that clients which only ask once,
+   * before login, use them. USER and SASL PLAIN are hidden while cleartext is refused.
+   */
+  private capabilities(): string[] {
+    const caps = ['TOP', 'UIDL', 'RESP-CODES', 'AUTH-RESP-CODE', 'PIPELINING'];
+    if (this.credentialsAllowed) caps.push('USER', 'SASL PLAIN');
+    if (this.canStartTls) caps.push('STLS');
+    caps.push('IMPLEMENTATION mailsplice');
+    return caps;
+  }
+
+  async run(): Promise<void> {
+    this.write('+OK mailsplice ready\r\n');
+    try {
+      for (;;) {
+        const line = await this.reader.line();
+        if (!this.countCommand()) {
+          this.close('-ERR Too many commands before login\r\n');
+          return;
+        }
+        if (await this.execute(line)) return; // logged in and spliced, or QUIT
+      }
+    } catch (e) {
+      if (e instanceof StopDialogue) return;
+      if (e instanceof LineTooLong) this.close('-ERR Line too long\r\n');
+      // A login timeout, like RFC 1939's autologout timer, closes without a response: any
+      // line now would be read as the answer to whatever the client sends next.
+      else this.close();
+    }
+  }
+
+  /** Runs one command line; true once the connection was handed over or closed. */
+  private async execute(line: string): Promise<boolean> {
+    const sp = line.indexOf(' ');
+    const name = (sp < 0 ? line : line.slice(0, sp)).toUpperCase();
+    // RFC 1939 separates the keyword from its argument by one space; USER and PASS take the
+    // rest of the line as is (a password may contain spaces).
+    const arg = sp < 0 ? '' : line.slice(sp + 1);
+    switch (name) {
+      case 'CAPA':
+        this.write(`+OK Capability list follows\r\n${this.capabilities().join('\r\n')}\r\n.\r\n`);
+        return false;
+      case 'NOOP':
+        // RFC 1939 lists NOOP for the TRANSACTION state only; a +OK before login harms no one
+        // and keeps keep-alive probes from counting as bad commands (nginx does the same).
+        this.write('+OK\r\n');
+        return false;
+      case 'QUIT':
+        this.close('+OK Logging out\r\n');
+        return true;
+      case 'STLS':
+        return this.stls(arg);
+      case 'USER':
+        this.userCommand(arg);
+        return false;
+      case 'PASS':
+        return this.passCommand(arg);
+      case 'AUTH':
+        return this.auth(arg);
+      case 'APOP':
+        // APOP needs the backend's greeting timestamp, which no proxy can offer before login.
+        this.fail('-ERR APOP not supported, use USER/PASS or AUTH PLAIN');
+        return false;
+      default:
+        this.fail(/^[A-Z]{3,4}$/.test(name) ? '-ERR Command not valid before login' : '-ERR Unknown command');
+        return false;
+    }
+  }
+
+  /** Answers a bad command and counts it; ends the connection past the limit. */
+  private fail(answer: string): void {
+    this.write(`${answer}\r\n`);
+    if (!this.countBad()) {
+      this.close();
+      throw new StopDialogue();
+    }
+  }
+
+  private async stls(arg: string): Promise<boolean> {
+    if (arg !== '') {
+      this.fail('-ERR STLS takes no argument');
+      return false;
+    }
+    if (!this.canStartTls) {
+      this.fail(this.secure ? '-ERR Command not permitted when TLS active' : '-ERR STLS not available');
+      return false;
+    }
+    this.write('+OK Begin TLS negotiation\r\n');
+    // RFC 2595 section 4: nothing said before TLS carries over, not even a USER name. What the
+    // client pipelined after STLS is dropped by startTls().
+    this.user = undefined;
+    await this.startTls();
+    return false;
+  }
+
+  private userCommand(arg: string): void {
+    this.user = undefined;
+    if (!this.credentialsAllowed) {
+      this.write(PLAINTEXT_REFUSED);
+      return;
+    }
+    const name = arg.trim();
+    if (name === '') {
+      this.fail('-ERR USER needs a name');
+      return;
+    }
+    // Whether the user exists is not told here: the backend decides at PASS.
+    this.user = name;
+    this.write('+OK Send your password\r\n');
+  }
+
+  private async passCommand(arg: string): Promise<boolean> {
+    const user = this.user;
+    this.user = undefined;
+    if (!this.credentialsAllowed) {
+      this.write(PLAINTEXT_REFUSED);
+      return false;
+    }
+    if (user === undefined) {
+      this.fail('-ERR USER first');
+      return false;
+    }
+    if (arg === '') {
+      this.fail('-ERR PASS needs a password');
+      return false;
+    }
+    return this.login({ authcid: Buffer.from(user, 'utf8'), password: Buffer.from(arg, 'utf8') });
+  }
+
+  /** RFC 5034 AUTH; a bare AUTH lists the mechanisms, as many clients expect (RFC 1734 style). */
+  private async auth(arg: string): Promise<boolean> {
+    this.user = undefined;
+    const [mechRaw = '', ir, ...extra] = arg.split(' ');
+    const mech = mechRaw.toUpperCase();
+    if (mech === '') {
+      this.write(`+OK\r\n${this.credentialsAllowed ? 'PLAIN\r\n' : ''}.\r\n`);
+      return false;
+    }
+    if (mech !== 'PLAIN' || extra.length > 0) {
+      this.fail('-ERR Unsupported authentication mechanism');
+      return false;
+    }
+    if (!this.credentialsAllowed) {
+      this.write(PLAINTEXT_REFUSED);
+      return false;
+    }
+    let response: string;
+    if (ir !== undefined) {
+      response = ir; // "=" is an empty initial response (RFC 5034 section 4)
+    } else {
+      this.write('+ \r\n');
+      response = await this.reader.line();
+    }
+    if (response === '*') {
+      this.write('-ERR Authentication cancelled\r\n');
+      return false;
+    }
+    const creds = decodePlain(response);
+    if (!creds) {
+      this.fail('-ERR Invalid SASL PLAIN response');
+      return false;
+    }
+    return this.login(creds);
+  }
+
+  private async login(creds: Pop3Credentials): Promise<boolean> {
+    // The mailbox owner decides the route: authzid when a master login names one.
+    const login = (creds.authzid ?? creds.authcid).toString('utf8');
+    let backendSaid: string | undefined;
+    try {
+      const { route, result } = await this.toBackend('pop3', login, async (route, sock, tls) => {
+        const mapped = Buffer.from(route.backendLogin, 'utf8');
+        const backendCreds: Pop3Credentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
+        try {
+          return await pop3BackendLogin(sock, route.host, backendCreds, { tls });
+        } catch (e) {
+          if (e instanceof Pop3Refused) backendSaid = e.line;
+          throw e;
+        }
+      });
+      this.splice('pop3', route, result.socket, result.rest, `${result.okLine}\r\n`);
+      return true;
+    } catch (e) {
+      if (!(e instanceof LoginFailed)) throw e;
+      this.noteFailure('pop3', e, login);
+      if (e.result === 'auth-failed') {
+        this.write('-ERR [AUTH] Authentication failed\r\n');
+        if (!this.countAuthFailure()) {
+          this.close();
+          return true;
+        }
+      } else if (e.result === 'in-use') {
+        // The backend's own words (RFC 2449 IN-USE / LOGIN-DELAY): the client may act on them.
+        this.write(`${backendSaid?.replace(/[\r\n\0]/g, ' ') ?? '-ERR [IN-USE] Mailbox in use, try again later'}\r\n`);
+      } else if (e.result === 'locked') {
+        this.write('-ERR [SYS/TEMP] Account is under maintenance, try again shortly\r\n');
+      } else {
+        this.write('-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n');
+      }
+      return false;
+    }
+  }
+}
