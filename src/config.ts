@@ -102,6 +102,9 @@ const schema = z.strictObject({
       max_message_size: z.number().int().positive().default(50 * 1024 * 1024),
       max_recipients: z.number().int().positive().default(1000),
       timeout_ms: z.number().int().positive().default(120_000),
+      /** How long an idle backend LMTP connection is kept for the next message; 0: never kept. */
+      backend_idle_ms: z.number().int().nonnegative().default(10_000),
+      /** Reserved: the LMTP proxy streams every message with backpressure and never spools. */
       spool_dir: z.string().optional(),
     })
     .prefault({}),

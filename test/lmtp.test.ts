@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -180,6 +181,29 @@ describe('delivery across slots', () => {
     expect(await copies(world.slotA, 'alice@example.com', subjects[0]!)).toHaveLength(1);
     expect(await copies(world.slotB, 'bob@example.com', subjects[1]!)).toHaveLength(1);
     expect(await copies(world.slotA, 'carol@example.com', subjects[2]!)).toHaveLength(1);
+  });
+});
+
+describe('backend connections', () => {
+  const connects = async (slot: World['slotA']) => ((await readFile(slot.logFile, 'utf8')).match(/lmtp\(\d+\): Info: Connect from/g) ?? []).length;
+
+  it('reuses an idle backend connection for the next message', async () => {
+    const before = await connects(world.slotA);
+    for (let i = 0; i < 3; i++) {
+      const t = await lmtpTransaction(target(), 's@example.net', ['alice@example.com'], message().body);
+      expect(t.results[0]).toMatch(/^250 /);
+    }
+    expect((await connects(world.slotA)) - before).toBeLessThanOrEqual(1);
+  });
+
+  it('does not use a pooled connection the backend has closed (restart between messages)', async () => {
+    expect((await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], message().body)).results[0]).toMatch(/^250 /);
+    await world.slotB.stop();
+    await world.slotB.start();
+    const { subject, body } = message();
+    const t = await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], body);
+    expect(t.results[0]).toMatch(/^250 /);
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
   });
 });
 

@@ -93,6 +93,11 @@ export class LmtpClient {
     return this.failure;
   }
 
+  /** Between transactions and healthy: nothing pending, nothing unread, not failed. */
+  get reusable(): boolean {
+    return !this.failure && !this.encoder && this.unread.length === 0 && this.waiters.length === 0 && this.buf.length === 0;
+  }
+
   has(capability: string): boolean {
     return this.capabilities.has(capability);
   }

@@ -3,7 +3,8 @@ import type { ProxyContext } from '../proxy/core.js';
 import type { LiveSession } from '../proxy/registry.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
-import { LmtpClient } from './client.js';
+import type { LmtpClient, LmtpClientOptions } from './client.js';
+import type { BackendPool } from './pool.js';
 import { isPositive, reply, replyText, type Reply } from './reply.js';
 
 /**
@@ -50,6 +51,7 @@ export interface DeliverySettings {
   timeoutMs: number;
   /** Our name in LHLO to the backends. */
   hostname: string;
+  pool: BackendPool;
 }
 
 /** The reply for a recipient whose route could not be found (RCPT time or DATA time). */
@@ -81,6 +83,8 @@ class Leg {
   accepted: LegRecipient[] = [];
   needsDrain = false;
   private readonly sessions: LiveSession[] = [];
+  private opts: LmtpClientOptions | undefined;
+  private unsubscribe: (() => void) | undefined;
 
   constructor(
     readonly d: Delivery,
@@ -106,27 +110,40 @@ class Leg {
       this.fail(new Error(`slot ${route.slot} has no lmtp port`), 'unreachable');
       return;
     }
+    this.opts = {
+      host: route.host,
+      port,
+      connectTimeoutMs: ctx.backend.connect_timeout_ms,
+      timeoutMs: this.d.settings.timeoutMs,
+      tls: backendTlsFor(ctx.backend, route.slot),
+      lhlo: this.d.settings.hostname,
+    };
     try {
-      const client = await LmtpClient.connect({
-        host: route.host,
-        port,
-        connectTimeoutMs: ctx.backend.connect_timeout_ms,
-        timeoutMs: this.d.settings.timeoutMs,
-        tls: backendTlsFor(ctx.backend, route.slot),
-        lhlo: this.d.settings.hostname,
-      });
-      if (this.state !== 'opening') {
-        client.destroy();
-        return;
-      }
-      this.client = client;
-      client.onFailure((e) => this.fail(e, 'lost'));
       const { from, size, body8bit } = this.d.envelope;
-      const env = await client.envelope(
-        from,
-        this.recipients.map((r) => r.mailbox),
-        { ...(size === undefined ? {} : { size }), body8bit },
-      );
+      const mailboxes = this.recipients.map((r) => r.mailbox);
+      const envOpts = { ...(size === undefined ? {} : { size }), body8bit };
+      let env: Awaited<ReturnType<LmtpClient['envelope']>>;
+      for (let attempt = 0; ; attempt++) {
+        const { client, reused } = await this.d.settings.pool.acquire(this.opts, attempt > 0);
+        if (this.state !== 'opening') {
+          client.destroy();
+          return;
+        }
+        this.client = client;
+        try {
+          env = await client.envelope(from, mailboxes, envOpts);
+          // A pooled connection the backend was just closing ("421 ... inactivity").
+          if (reused && env.mail.code === 421) throw new Error(`reused connection: ${replyText(env.mail)}`);
+          break;
+        } catch (e) {
+          // Nothing was accepted on a stale pooled connection: one more try on a fresh one.
+          client.destroy();
+          this.client = undefined;
+          if (!reused || attempt > 0 || this.state !== 'opening') throw e;
+        }
+      }
+      const client = this.client;
+      this.unsubscribe = client.onFailure((e) => this.fail(e, 'lost'));
       if (!isPositive(env.mail)) {
         // The backend refused the sender: that is every recipient's answer.
         for (const r of this.recipients) this.d.settle(r.index, passThrough(env.mail));
@@ -194,7 +211,13 @@ class Leg {
       this.state = 'failed';
       this.client.destroy();
       this.unregister();
-    } else this.finishQuietly();
+      return;
+    }
+    // A clean end: the connection is between transactions and can serve the next one.
+    this.state = 'done';
+    this.unsubscribe?.();
+    this.d.settings.pool.release(this.opts!, this.client);
+    this.unregister();
   }
 
   /** Drops the backend connection (no dot sent); every recipient without an answer gets a 451. */

@@ -4,6 +4,7 @@ import type { Config, ListenerConfig } from '../config.js';
 import type { ProxyContext } from '../proxy/core.js';
 import { ListenerTls } from '../proxy/tls.js';
 import { lmtpTotals, type LmtpTotals } from './metrics.js';
+import { BackendPool } from './pool.js';
 import { formatReply, reply } from './reply.js';
 import { LmtpSession, type LmtpEnv } from './session.js';
 
@@ -42,7 +43,8 @@ const SOCKET_MODE = 0o666;
 export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'], ctx: ProxyContext, totals: LmtpTotals = lmtpTotals): Promise<LmtpListener> {
   if (l.tls === 'starttls') throw new Error(`lmtp listener ${l.name ?? ''}: tls: starttls is not supported for LMTP (use implicit, or none on loopback/unix sockets)`);
   const tls = l.tls === 'implicit' ? new ListenerTls(l) : undefined;
-  const env: LmtpEnv = { ctx, cfg: lmtp, totals };
+  const pool = new BackendPool(lmtp.backend_idle_ms);
+  const env: LmtpEnv = { ctx, cfg: lmtp, totals, pool };
   const sessions = new Set<LmtpSession>();
   let open = 0;
 
@@ -130,6 +132,7 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
       const deadline = new Promise<void>((resolve) => setTimeout(resolve, lmtp.timeout_ms + 1000).unref());
       await Promise.race([Promise.all([...sessions].map((s) => s.done)), deadline]);
       for (const s of sessions) s.destroy();
+      pool.close();
       await Promise.all(closed);
     },
   };

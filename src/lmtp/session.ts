@@ -6,6 +6,7 @@ import { parsePathArgument, splitDetail, validRecipient } from './address.js';
 import { Delivery, lookupFailureReply, type Recipient } from './delivery.js';
 import { DotDecoder } from './dot.js';
 import type { LmtpTotals, RcptResult } from './metrics.js';
+import type { BackendPool } from './pool.js';
 import { formatReply, reply, type Reply } from './reply.js';
 
 /**
@@ -20,6 +21,7 @@ export interface LmtpEnv {
   ctx: ProxyContext;
   cfg: Config['lmtp'];
   totals: LmtpTotals;
+  pool: BackendPool;
 }
 
 /** A RCPT that got 250: it will get exactly one reply after DATA. */
@@ -395,7 +397,7 @@ export class LmtpSession {
     const { cfg, totals } = this.env;
     const delivery = new Delivery(
       this.ctx,
-      { timeoutMs: cfg.timeout_ms, hostname: cfg.hostname },
+      { timeoutMs: cfg.timeout_ms, hostname: cfg.hostname, pool: this.env.pool },
       { from: tx.from, body8bit: tx.body8bit, ...(tx.size === undefined ? {} : { size: tx.size }) },
       tx.unique,
       totals,
