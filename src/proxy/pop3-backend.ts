@@ -121,7 +121,15 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       if (!lineSafe(creds.authcid) || !lineSafe(creds.password)) throw new BackendRefused('auth', 'credentials not representable with USER/PASS');
       sock.write(`USER ${creds.authcid.toString('utf8')}\r\n`);
       const user = await reader.line();
-      if (!user.startsWith('+OK')) throw classifyErr(user);
+      if (!user.startsWith('+OK')) {
+        // No password was checked yet, so this is not the client's fault: typically the
+        // backend wants TLS first (Dovecot answers "-ERR [AUTH] Plaintext authentication
+        // disallowed" here). Busy codes still mean busy.
+        const refused = classifyErr(user);
+        if (refused.kind === 'in-use') throw refused;
+        const hint = caps.has('STLS') && opts.tls.mode === 'none' ? ' (the backend offers STLS: does it need backend TLS?)' : '';
+        throw new Pop3Refused('unavailable', `${user}${hint}`);
+      }
       sock.write(Buffer.concat([Buffer.from('PASS '), creds.password, Buffer.from('\r\n')]));
       answer = await reader.line();
     }
