@@ -59,6 +59,7 @@ export class LmtpSession {
   /** Set while we wait for the client to read our replies. */
   private drainWaiter: (() => void) | undefined;
   private unreadAtLastTick = Infinity;
+  private corked = false;
   private readonly idle: NodeJS.Timeout;
   private lhlo = false;
   private tx: Transaction | undefined;
@@ -193,8 +194,22 @@ export class LmtpSession {
     }
   }
 
+  /**
+   * Replies written in one turn of the event loop (answers to pipelined commands, the
+   * per-recipient replies after DATA) leave in one segment: corked here, uncorked once the
+   * loop has run everything that was ready.
+   */
   private write(r: Reply, enhanced = true): void {
-    if (!this.closed && this.socket.writable) this.socket.write(formatReply(r, enhanced));
+    if (this.closed || !this.socket.writable) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    this.socket.write(formatReply(r, enhanced));
   }
 
   // ---- the dialogue --------------------------------------------------------------------
