@@ -92,7 +92,7 @@ const schema = z.strictObject({
       login_timeout_ms: z.number().int().positive().default(15_000),
       tls: backendTls.prefault({}),
       tls_groups: z.array(backendTlsGroup).default([]),
-      /** Send the client's address to IMAP backends with ID (Dovecot's login_trusted_networks). */
+      /** Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT (Dovecot: login_trusted_networks). */
       forward_client_ip: z.boolean().default(false),
     })
     .prefault({}),

@@ -8,6 +8,7 @@ import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { createMetrics } from './metrics.js';
 import type { LoginResult, ProxyContext } from './proxy/core.js';
+import { reloadBackendTls } from './proxy/backend.js';
 import { ClientGate } from './proxy/gate.js';
 import { ProxyListener } from './proxy/listener.js';
 import { SessionRegistry } from './proxy/registry.js';
@@ -123,6 +124,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
           log.error('certificate reload failed; old certificates stay in force', { listener: p.cfg.name ?? p.cfg.protocol, error: (e as Error).message });
         }
       }
+      reloadBackendTls(); // backend CA files are read again on the next login
       if (source instanceof FileSource) source.reload();
       log.info('reloaded');
     },

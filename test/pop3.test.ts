@@ -1,5 +1,7 @@
 import { execFile } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -421,6 +423,30 @@ describe('TLS and plaintext policy', () => {
 
   it('returns every connection slot once clients are gone', async () => {
     await expect.poll(() => server.proxies.map((p) => p.connections), { timeout: 5000 }).toEqual([0, 0, 0, 0]);
+  });
+});
+
+describe('client address forwarding', () => {
+  it('tells the backend the client’s address with XCLIENT when forward_client_ip is on', async () => {
+    const [p] = (await freePorts(HOST, 1)) as [number];
+    const forwarding = await startServer(
+      parseConfig({ listeners: [{ protocol: 'pop3', address: HOST, port: p }], lookup: { redis: { url: world.redis!.url } }, backend: { forward_client_ip: true } }, 'forwarding'),
+      createLogger('error', () => {}),
+    );
+    try {
+      for (let i = 0; i < 100 && !forwarding.router.stats.live; i++) await sleep(100);
+      // Connect from 127.0.0.5: the proxy itself reaches Dovecot from 127.0.0.1.
+      const sock = connect({ host: HOST, port: p, localAddress: '127.0.0.5' });
+      let got = '';
+      sock.on('data', (d: Buffer) => (got += d.toString()));
+      sock.write('USER bob@example.com\r\nPASS bobpw\r\nSTAT\r\nQUIT\r\n');
+      await expect.poll(() => got.split('\r\n').filter((l) => l.startsWith('+OK')).length).toBe(5);
+      sock.destroy();
+      const lastLogin = async () => (await readFile(world.slotB.logFile, 'utf8')).split('\n').filter((l) => l.includes('pop3-login') && l.includes('user=<bob@example.com>') && l.includes('Login:')).at(-1) ?? '';
+      await expect.poll(lastLogin).toMatch(/rip=127\.0\.0\.5/);
+    } finally {
+      await forwarding.close();
+    }
   });
 });
 

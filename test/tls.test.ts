@@ -38,6 +38,7 @@ let dir: string;
 let ca: CertFiles; // signs the proxy's listener certificates
 let backendCa: CertFiles;
 let otherCa: CertFiles;
+let rotatingCa: string;
 /** The files the listeners are configured with; tests overwrite them and reload. */
 let listenerCert: { certFile: string; keyFile: string };
 const logs: string[] = [];
@@ -87,6 +88,9 @@ beforeAll(async () => {
       'slotT-cleartext': slot(slotT.host, slotT.imap, slotT.pop3),
     },
   };
+  // The wrong CA at first; a later test puts the right one in and reloads.
+  rotatingCa = join(dir, 'rotating-ca.pem');
+  copyFileSync(otherCa.certFile, rotatingCa);
   const routesFile = join(dir, 'routes.yaml');
   writeFileSync(routesFile, stringify(routes));
 
@@ -110,7 +114,7 @@ beforeAll(async () => {
           { slots: ['slotT-starttls'], mode: 'starttls', ca: backendCa.certFile },
           { slots: ['slotT-impl*'], mode: 'implicit', ca: backendCa.certFile },
           { slots: ['slotT-named'], mode: 'implicit', ca: backendCa.certFile, servername: 'backend.example.test' },
-          { slots: ['slotT-wrongca'], mode: 'starttls', ca: otherCa.certFile },
+          { slots: ['slotT-wrongca'], mode: 'starttls', ca: rotatingCa },
           { slots: ['slotT-wrongname'], mode: 'implicit', ca: backendCa.certFile, servername: 'other.example.test' },
         ],
       },
@@ -358,6 +362,14 @@ describe('TLS to the backends', () => {
     const why = logs.filter((l) => l.includes('"login":"wrongca@example.com"'));
     expect(why).toHaveLength(2);
     for (const l of why) expect(l).toMatch(/certificate check failed \((UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)/);
+  });
+
+  it('reload() reads backend CA files again', async () => {
+    copyFileSync(backendCa.certFile, rotatingCa);
+    expect(await imapLogin('wrongca@example.com')).toMatch(/^a NO \[UNAVAILABLE\] /); // still the old CA
+    server.reload();
+    expect(await imapLogin('wrongca@example.com')).toMatch(/^a OK /);
+    expect((await pop3('wrongca@example.com'))[2]).toBe('Subject: on slotT');
   });
 
   it('a certificate for another name: refused, and the log says so', async () => {

@@ -78,7 +78,15 @@ function lineSafe(b: Buffer): boolean {
  * `auth` when the backend refused the credentials, `in-use` when it said IN-USE or
  * LOGIN-DELAY, `unavailable` for anything else.
  */
-export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3Credentials, opts: { tls: BackendTlsConfig }): Promise<Pop3BackendLogin> {
+export interface Pop3BackendOptions {
+  tls: BackendTlsConfig;
+  /** Tell the backend the client's address with XCLIENT when it offers it (Dovecot does to login_trusted_networks). */
+  forwardClientIp?: boolean;
+  clientIp?: string;
+  clientPort?: number;
+}
+
+export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3Credentials, opts: Pop3BackendOptions): Promise<Pop3BackendLogin> {
   let sock = socket;
   let reader = new LineReader(sock, MAX_BACKEND_LINE);
   try {
@@ -96,6 +104,16 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       sock = await startBackendTls(sock, host, opts.tls);
       reader = new LineReader(sock, MAX_BACKEND_LINE);
       caps = await capa(sock, reader); // RFC 2595 section 4: what was said in clear is forgotten
+    }
+
+    // Dovecot announces XCLIENT in its greeting ("+OK [XCLIENT] ..."), others in CAPA. A
+    // refusal only costs the backend's log the real address, so the login goes on.
+    if (opts.forwardClientIp && opts.clientIp && (/^\+OK \[XCLIENT\]/i.test(greeting) || caps.has('XCLIENT'))) {
+      const addr = opts.clientIp.replace(/^::ffff:(?=\d+\.)/i, '');
+      if (/^[0-9a-f.:]+$/i.test(addr)) {
+        sock.write(`XCLIENT ADDR=${addr}${opts.clientPort ? ` PORT=${opts.clientPort}` : ''}\r\n`);
+        await reader.line();
+      }
     }
 
     const plain = Buffer.concat([creds.authzid ?? Buffer.alloc(0), Buffer.from([0]), creds.authcid, Buffer.from([0]), creds.password]).toString('base64');

@@ -198,7 +198,12 @@ export class Pop3Preauth extends PreauthConnection {
         const mapped = Buffer.from(route.backendLogin, 'utf8');
         const backendCreds: Pop3Credentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
         try {
-          return await pop3BackendLogin(sock, route.host, backendCreds, { tls });
+          return await pop3BackendLogin(sock, route.host, backendCreds, {
+            tls,
+            forwardClientIp: this.ctx.backend.forward_client_ip,
+            clientIp: this.clientIp,
+            clientPort: this.clientPort,
+          });
         } catch (e) {
           if (e instanceof Pop3Refused) backendSaid = e.line;
           throw e;
