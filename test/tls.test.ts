@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,9 +9,10 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { ImapFlow } from 'imapflow';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stringify } from 'yaml';
+import { parse, stringify } from 'yaml';
 import { parseConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
+import { backendTlsFor } from '../src/proxy/backend.js';
 import { startServer, type RunningServer } from '../src/server.js';
 import { makeCA, makeCert, type CertFiles } from './harness/certs.js';
 import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
@@ -384,6 +385,49 @@ describe('TLS to the backends', () => {
     const why = logs.filter((l) => l.includes('"login":"cleartext@example.com"'));
     expect(why.some((l) => l.includes('LOGINDISABLED'))).toBe(true);
     expect(why.some((l) => l.includes('does it need backend TLS'))).toBe(true);
+  });
+});
+
+describe('configuration', () => {
+  it('backend.tls_groups: first matching glob wins, else backend.tls', () => {
+    const cfg = parseConfig(
+      {
+        listeners: [{ protocol: 'imap', port: 143 }],
+        lookup: { file: 'routes.yaml' },
+        backend: {
+          tls: { mode: 'none' },
+          tls_groups: [
+            { slots: ['sloti30*', 'slotq?'], mode: 'starttls', ca: 'ca.pem' },
+            { slots: ['sloti3*'], mode: 'implicit', verify: false },
+            { slots: ['exact.slot'], mode: 'implicit' },
+          ],
+        },
+      },
+      'unit',
+      '/etc/mailsplice',
+    );
+    const mode = (slot: string) => backendTlsFor(cfg.backend, slot).mode;
+    expect(mode('sloti30t01')).toBe('starttls');
+    expect(mode('slotq1')).toBe('starttls');
+    expect(mode('slotq12')).toBe('none'); // ? is exactly one character
+    expect(mode('sloti31t01')).toBe('implicit');
+    expect(mode('exact.slot')).toBe('implicit');
+    expect(mode('exactXslot')).toBe('none'); // "." is literal
+    expect(mode('xsloti30')).toBe('none'); // the whole id must match
+    expect(backendTlsFor(cfg.backend, 'sloti30t01').ca).toBe('/etc/mailsplice/ca.pem'); // relative to the config file
+    expect(backendTlsFor(cfg.backend, 'sloti31').verify).toBe(false);
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 143 }], lookup: { file: 'r' }, backend: { tls_groups: [{ slots: [], mode: 'starttls' }] } }, 'unit')).toThrow(/tls_groups/);
+  });
+
+  it('the TLS example in README.md is a valid config', () => {
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('\n## TLS\n'));
+    const yamlBlock = /```yaml\n([\s\S]*?)```/.exec(section)?.[1];
+    expect(yamlBlock).toBeDefined();
+    const doc = parse(yamlBlock!) as Record<string, unknown>;
+    const cfg = parseConfig({ ...doc, lookup: { file: 'routes.yaml' } }, 'README.md');
+    expect(cfg.listeners.map((l) => l.tls)).toEqual(['implicit', 'starttls']);
+    expect(backendTlsFor(cfg.backend, 'sloti30t01').mode).toBe('starttls');
   });
 });
 
