@@ -215,6 +215,8 @@ describe('listeners', () => {
 
   it('enforces the minimum TLS version', async () => {
     await expect(peerCn(port.imapsTls13, undefined, { maxVersion: 'TLSv1.2' })).rejects.toThrow();
+    // The operator can see why with log level debug.
+    await expect.poll(() => logs.filter((l) => l.includes('tls handshake failed')).join('\n')).toMatch(/unsupported protocol|version/i);
     expect(await peerCn(port.imapsTls13, undefined, { minVersion: 'TLSv1.3' })).toBe('mail.example.test');
     expect(await peerCn(port.imaps, undefined, { maxVersion: 'TLSv1.2' })).toBe('mail.example.test'); // TLSv1.2 is the default floor
     await expect(peerCn(port.imaps, undefined, { minVersion: 'TLSv1', maxVersion: 'TLSv1.1', ciphers: 'DEFAULT@SECLEVEL=0' })).rejects.toThrow();

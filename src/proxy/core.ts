@@ -121,6 +121,9 @@ export abstract class PreauthConnection implements Expiring {
     this.handshaking = true;
     try {
       this.socket = await this.rt.tls!.accept(this.socket);
+    } catch (e) {
+      this.ctx.log.debug('tls handshake failed', { listener: this.rt.cfg.name ?? this.rt.cfg.protocol, ip: this.clientIp, error: (e as Error).message });
+      throw e;
     } finally {
       this.handshaking = false;
     }

@@ -80,9 +80,12 @@ export class ProxyListener {
         ctx.sweep.delete(pending);
         handler(this.rt, secure, ip, port);
       },
-      () => {
+      (e: Error) => {
         ctx.sweep.delete(pending);
         socket.destroy();
+        // Debug only: scanners make these by the thousand; a client that cannot connect
+        // (too old a TLS version, a name not covered) shows up here when asked for.
+        ctx.log.debug('tls handshake failed', { listener: cfg.name ?? cfg.protocol, ip, error: e.message });
       },
     );
   }
