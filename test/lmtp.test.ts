@@ -7,6 +7,8 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { lmtpTotals } from '../src/lmtp/metrics.js';
+import { LookupFailure, type Route } from '../src/lookup/model.js';
+import { createMetrics } from '../src/metrics.js';
 import { lmtpTransaction, openLmtp, wireBody, type RawLmtp } from './harness/lmtp.js';
 import { freePort } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
@@ -53,6 +55,19 @@ function message(extra = ''): { subject: string; body: string } {
 async function copies(slot: World['slotA'], user: string, subject: string): Promise<string[]> {
   return (await slot.messages(user)).filter((m) => m.includes(`Subject: ${subject}\n`));
 }
+
+/** Changes routes in Redis and waits until the proxy's router sees the change. */
+async function change(kind: 'user' | 'store' | 'slot', id: string, fields: Record<string, string>, probe: string, seen: (r: Route | LookupFailure) => boolean): Promise<void> {
+  await changeInRedis(world.redis!.url, kind, id, fields);
+  for (let i = 0; ; i++) {
+    const r = await proxy.server.router.resolve(probe).catch((e: unknown) => e as LookupFailure);
+    if (seen(r)) return;
+    if (i > 250) throw new Error(`the proxy never saw ${kind} ${id} change`);
+    await new Promise((res) => setTimeout(res, 20));
+  }
+}
+const failsWith = (kind: LookupFailure['kind']) => (r: Route | LookupFailure) => r instanceof LookupFailure && r.kind === kind;
+const onSlot = (slot: string) => (r: Route | LookupFailure) => !(r instanceof LookupFailure) && r.slot === slot;
 
 async function session(): Promise<RawLmtp> {
   const c = await openLmtp(target());
@@ -213,21 +228,21 @@ describe('temporary failures (Postfix must keep the message)', () => {
     expect(t.rcpt[0]).toMatch(/^451 4\.2\.1 <locked@example\.com> Mailbox temporarily locked/);
     expect(t.results[0]).toMatch(/^250 /);
 
-    await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'locked', epoch: '2' });
+    await change('store', 'store2', { status: 'locked', epoch: '2' }, 'bob@example.com', failsWith('locked'));
     try {
       const u = await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], message().body);
       expect(u.rcpt[0]).toMatch(/^451 4\.2\.1 <bob@example\.com> /);
       expect(u.data).toMatch(/^503 5\.5\.1 /);
     } finally {
-      await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'active', epoch: '3' });
+      await change('store', 'store2', { status: 'active', epoch: '3' }, 'bob@example.com', onSlot('slotB'));
     }
 
-    await changeInRedis(world.redis!.url, 'slot', 'slotB', { status: 'down' });
+    await change('slot', 'slotB', { status: 'down' }, 'bob@example.com', failsWith('unavailable'));
     try {
       const v = await lmtpTransaction(target(), 's@example.net', ['bob@example.com'], message().body);
       expect(v.rcpt[0]).toMatch(/^451 4\.3\.0 <bob@example\.com> Mailbox temporarily unavailable/);
     } finally {
-      await changeInRedis(world.redis!.url, 'slot', 'slotB', { status: 'up' });
+      await change('slot', 'slotB', { status: 'up' }, 'bob@example.com', onSlot('slotB'));
     }
   });
 
@@ -303,17 +318,15 @@ describe('temporary failures (Postfix must keep the message)', () => {
     const c = await session();
     c.write('LHLO t\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<carol@example.com>\r\n');
     for (let i = 0; i < 3; i++) expect(await c.line()).toMatch(/^250 /);
-    await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotB', replicas: 'slotA', epoch: '5' });
+    await change('store', 'store1', { master: 'slotB', replicas: 'slotA', epoch: '5' }, 'carol@example.com', onSlot('slotB'));
     try {
-      // The event reaches the proxy asynchronously: give it a moment.
-      await new Promise((r) => setTimeout(r, 300));
       c.send('DATA');
       expect(await c.line()).toMatch(/^354 /);
       c.write(wireBody(body));
       expect(await c.line()).toMatch(/^250 2\.0\.0 <carol@example\.com>/);
       c.close();
     } finally {
-      await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '6' });
+      await change('store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '6' }, 'carol@example.com', onSlot('slotA'));
     }
     expect(await copies(world.slotB, 'carol@example.com', subject)).toHaveLength(1);
     expect(await copies(world.slotA, 'carol@example.com', subject)).toHaveLength(0);
@@ -465,13 +478,50 @@ describe('protocol', () => {
     expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(0);
   });
 
-  it('counts what it did', () => {
+  it('shuts down gracefully: idle connections hear 421, a message under way is finished first', async () => {
+    const other = await startProxy({ listeners: [{ protocol: 'lmtp' }], lookup: { redis: { url: world.redis!.url } } });
+    // Until its Redis connection is up a fresh proxy answers 451 (rightly): wait for it.
+    for (let i = 0; i < 100 && !other.server.router.stats.live; i++) await new Promise((r) => setTimeout(r, 50));
+    const t = { host: '127.0.0.1', port: other.ports.lmtp! };
+    const idle = await openLmtp(t);
+    const busy = await openLmtp(t);
+    await idle.line();
+    await busy.line();
+    idle.send('LHLO t');
+    await idle.reply();
+    const { subject, body } = message();
+    busy.write('LHLO t\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n');
+    await busy.reply();
+    for (let i = 0; i < 2; i++) expect(await busy.line()).toMatch(/^250 /);
+    expect(await busy.line()).toMatch(/^354 /);
+    const wire = wireBody(body);
+    busy.write(wire.slice(0, 20));
+    const closing = other.close();
+    expect(await idle.line()).toMatch(/^421 4\.3\.2 /);
+    busy.write(wire.slice(20));
+    expect(await busy.line()).toMatch(/^250 2\.0\.0 <bob@example\.com>/);
+    expect(await busy.line()).toMatch(/^421 4\.3\.2 /);
+    await closing;
+    idle.close();
+    busy.close();
+    expect(await copies(world.slotB, 'bob@example.com', subject)).toHaveLength(1);
+  });
+
+  it('counts what it did, and shows it in /metrics', async () => {
     expect(lmtpTotals.rcpt.accepted).toBeGreaterThan(10);
     expect(lmtpTotals.rcpt.unknown).toBeGreaterThan(0);
     expect(lmtpTotals.rcpt.locked).toBeGreaterThan(0);
     expect(lmtpTotals.delivery.delivered).toBeGreaterThan(10);
     expect(lmtpTotals.delivery.deferred).toBeGreaterThan(0);
     expect(lmtpTotals.delivery.rejected).toBeGreaterThan(0);
-    expect(proxy.server.ctx.counters.logins.lmtp.ok).toBe(lmtpTotals.rcpt.accepted);
+    // The login counters see the same RCPT outcomes (lmtpTotals is process-wide, and the
+    // shutdown test ran a second proxy, hence <=).
+    expect(proxy.server.ctx.counters.logins.lmtp.ok).toBeGreaterThan(10);
+    expect(proxy.server.ctx.counters.logins.lmtp.ok).toBeLessThanOrEqual(lmtpTotals.rcpt.accepted);
+    expect(proxy.server.ctx.counters.logins.lmtp['auth-failed']).toBeGreaterThan(0);
+    const text = await createMetrics(proxy.server.ctx).metrics();
+    expect(text).toMatch(/^mailsplice_lmtp_rcpt_total\{result="accepted"\} [1-9]\d*$/m);
+    expect(text).toMatch(/^mailsplice_lmtp_deliveries_total\{result="deferred"\} [1-9]\d*$/m);
+    expect(text).toMatch(/^mailsplice_lmtp_backend_failures_total [1-9]\d*$/m);
   });
 });

@@ -287,6 +287,9 @@ export class LmtpSession {
     if (arg === '' || /\s/.test(arg)) return this.answer(reply(501, '5.5.4', 'Syntax: LHLO hostname'));
     this.lhlo = true;
     this.tx = undefined;
+    // Not offered: SMTPUTF8, because the backends (Dovecot 2.3) do not offer it and we could
+    // not pass it on; CHUNKING (BDAT), because Postfix's LMTP client never uses it, so DATA
+    // is the one path to get right. DSN is not offered either: no NOTIFY/ORCPT to pass on.
     const caps = ['PIPELINING', 'ENHANCEDSTATUSCODES', '8BITMIME', `SIZE ${this.env.cfg.max_message_size}`];
     this.write(reply(250, undefined, this.env.cfg.hostname, ...caps), false);
     return true;
