@@ -173,7 +173,10 @@ class Leg {
 
   /** An event changed a route this leg delivers on. After the dot it is too late to matter. */
   private routeChanged(why: string): void {
-    if (this.state === 'opening' || this.state === 'streaming') this.fail(new Error(`route changed: ${why}`), 'moved');
+    if (this.state === 'opening' || this.state === 'streaming') {
+      this.ctx.log.info('lmtp transaction abandoned, route changed', { slot: this.route.slot, why });
+      this.fail(new Error(`route changed: ${why}`), 'moved', false);
+    }
   }
 
   write(chunk: Buffer): void {
@@ -221,12 +224,12 @@ class Leg {
   }
 
   /** Drops the backend connection (no dot sent); every recipient without an answer gets a 451. */
-  fail(e: Error, why: FailWhy): void {
+  fail(e: Error, why: FailWhy, backendsFault = true): void {
     // After the dot, end() owns the outcome: it settles the replies that did arrive first.
     if (this.state === 'done' || this.state === 'failed' || this.state === 'ending') return;
     this.state = 'failed';
     this.client?.destroy();
-    this.noteFailure(e);
+    if (backendsFault) this.noteFailure(e);
     for (const r of this.recipients) this.d.settle(r.index, tempFail(r.rcpt.address, why));
     this.unregister();
   }
@@ -332,7 +335,7 @@ export class Delivery {
     await Promise.all(this.legs.map((l) => l.open()));
     // An event that arrived while a leg was opening found it registered and failed it; one
     // that was applied between our resolve and the registration is caught here.
-    for (const l of this.legs) if (l.stale()) l.fail(new Error('route changed while opening'), 'moved');
+    for (const l of this.legs) if (l.stale()) l.fail(new Error('route changed while opening'), 'moved', false);
   }
 
   /** Whether any backend still waits for the message. */
@@ -357,7 +360,7 @@ export class Delivery {
 
   /** Abandons the message on every backend (client gone, message too big): no dot is sent. */
   abort(reason: string): void {
-    for (const l of this.legs) if (l.state === 'opening' || l.state === 'streaming') l.fail(new Error(reason), 'lost');
+    for (const l of this.legs) if (l.state === 'opening' || l.state === 'streaming') l.fail(new Error(reason), 'lost', false);
   }
 
   /** Ends the message on every live backend; one reply per recipient, in the given order. */
