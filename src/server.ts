@@ -63,6 +63,9 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
   };
   router.start();
+  // Logins that arrive before the lookup is connected would all fail: give it a moment.
+  const lookupTimeout = cfg.lookup.redis?.command_timeout_ms ?? 0;
+  if (!(await source.ready(lookupTimeout))) log.warn('lookup not reachable at start; logins get UNAVAILABLE until it is', { waited_ms: lookupTimeout });
 
   const proxies: ProxyListener[] = [];
   const lmtp: LmtpListener[] = [];

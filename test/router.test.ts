@@ -43,6 +43,9 @@ class MemorySource implements RouteSource {
     this.connected = up;
     this.live(up);
   }
+  async ready(): Promise<boolean> {
+    return true;
+  }
   async close(): Promise<void> {}
 }
 

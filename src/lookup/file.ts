@@ -92,6 +92,10 @@ export class FileSource implements RouteSource {
     this.model = parseModel(readFileSync(path, 'utf8'), defaultDomain);
   }
 
+  async ready(): Promise<boolean> {
+    return true; // read at construction
+  }
+
   async readRoute(login: string): Promise<RouteRecords> {
     const user = this.model.users.get(login);
     const store = user ? this.model.stores.get(user.store) : undefined;

@@ -66,6 +66,20 @@ export class RedisSource implements RouteSource {
     };
   }
 
+  ready(timeoutMs: number): Promise<boolean> {
+    if (this.cmd.status === 'ready') return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const done = (ok: boolean) => {
+        clearTimeout(timer);
+        this.cmd.off('ready', onReady);
+        resolve(ok);
+      };
+      const onReady = () => done(true);
+      const timer = setTimeout(() => done(false), timeoutMs);
+      this.cmd.on('ready', onReady);
+    });
+  }
+
   async readRoute(login: string): Promise<RouteRecords> {
     const reply = (await this.cmd.eval(READ_ROUTE, 0, this.prefix, login)) as unknown[];
     const [u, s, sl] = reply.map(pairs) as [Hash, Hash, Hash];

@@ -31,6 +31,11 @@ export interface RouteSource {
    * `live(false)` as soon as they may be missed; the Router resyncs after every `live(true)`.
    */
   watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void;
+  /**
+   * Resolves once the source can answer, or after `timeoutMs` in any case (false then): a
+   * proxy starts even with its lookup down, and answers UNAVAILABLE until it is back.
+   */
+  ready(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
 }
 

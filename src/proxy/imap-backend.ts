@@ -3,14 +3,10 @@ import type { BackendTlsConfig } from '../config.js';
 import { BackendRefused, startBackendTls } from './backend.js';
 import { capabilitiesIn, encodeAstring, quoted } from './imap-syntax.js';
 import { LineReader } from './lines.js';
+import type { PlainCredentials } from './sasl.js';
 
-export interface ImapCredentials {
-  /** Who acts (SASL authcid / LOGIN user), already mapped to the backend's name where needed. */
-  authcid: Buffer;
-  /** Whose mailbox (SASL authzid), when it differs from authcid (a master/admin login). */
-  authzid?: Buffer;
-  password: Buffer;
-}
+/** Already mapped to the backend's name for the user where needed. */
+export type ImapCredentials = PlainCredentials;
 
 export interface ImapBackendLogin {
   socket: Socket;

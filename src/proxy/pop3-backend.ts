@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import { BackendRefused, startBackendTls } from './backend.js';
-import type { ImapCredentials } from './imap-backend.js';
+import type { PlainCredentials } from './sasl.js';
 import { LineReader } from './lines.js';
 
 // The backend half of a POP3 login (RFC 1939, 2449, 2595, 5034): greeting, CAPA, optional
@@ -9,7 +9,7 @@ import { LineReader } from './lines.js';
 // the password; the proxy only carries it.
 
 /** The same shape as IMAP's: SASL PLAIN's three fields. */
-export type Pop3Credentials = ImapCredentials;
+export type Pop3Credentials = PlainCredentials;
 
 export interface Pop3BackendLogin {
   socket: Socket;

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
-import { decodePlain } from './imap.js';
+import { decodePlain } from './sasl.js';
 import { LineTooLong } from './lines.js';
 import { pop3BackendLogin, Pop3Refused, type Pop3Credentials } from './pop3-backend.js';
 

@@ -38,11 +38,13 @@ export class Sweep {
   }
 
   tick(now: number): void {
-    for (const item of this.items) {
-      if (item.deadline <= now) {
-        this.items.delete(item);
-        item.expire();
-      }
+    // Collect first, then expire: an expire() may add items (itself, with a new deadline),
+    // and a Set visits what is added while it is being iterated.
+    const due: Expiring[] = [];
+    for (const item of this.items) if (item.deadline <= now) due.push(item);
+    for (const item of due) {
+      this.items.delete(item);
+      item.expire();
     }
     for (const fn of this.tickers) fn();
   }

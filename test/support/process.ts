@@ -29,7 +29,10 @@ export async function startProxyProcess(extra: Record<string, unknown>): Promise
   let out = '';
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
   await new Promise<void>((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`proxy did not start:\n${out}`)), 20_000);
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL'); // never leave a half-started proxy behind
+      rej(new Error(`proxy did not start:\n${out}`));
+    }, 20_000);
     const check = () => {
       if (out.includes('"mailsplice started"')) {
         clearTimeout(timer);
