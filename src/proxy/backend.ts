@@ -2,7 +2,6 @@ import { readFileSync } from 'node:fs';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from 'node:tls';
 import type { BackendTlsConfig, Config } from '../config.js';
-import { markSharedRead, sharedReadOptions } from './shared-read.js';
 
 /** Why a backend login did not happen; the front ends map it to their protocol's words. */
 export class BackendRefused extends Error {
@@ -75,10 +74,7 @@ export function openBackend(host: string, port: number, opts: BackendOptions): P
     const implicit = opts.tls.mode === 'implicit';
     const sock: Socket = implicit
       ? tlsConnect({ host, port, ...tlsOptions(host, opts.tls) })
-      : opts.tls.mode === 'starttls'
-        ? netConnect({ host, port, allowHalfOpen: true, noDelay: true }) // TLS will take this socket over
-        : netConnect({ host, port, allowHalfOpen: true, noDelay: true, onread: sharedReadOptions });
-    if (opts.tls.mode === 'none') markSharedRead(sock);
+      : netConnect({ host, port, allowHalfOpen: true, noDelay: true });
     const timer = setTimeout(() => {
       sock.destroy();
       reject(new BackendRefused('unavailable', `backend ${host}:${port} did not answer in ${opts.connectTimeoutMs} ms`));

@@ -1,7 +1,6 @@
 import type { Socket } from 'node:net';
 import type { Protocol, Route } from '../lookup/model.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
-import { readsShared, retireSharedReadBuffer, setReadSink } from './shared-read.js';
 
 /** Bytes through all splices, for metrics (one add per chunk, no per-session counters). */
 export const spliceTotals = { clientToBackend: 0, backendToClient: 0 };
@@ -25,33 +24,18 @@ export class SplicedSession implements LiveSession {
     private readonly farewell: ((reason: string) => string) | undefined,
   ) {}
 
-  /** Starts the splice; the pending buffers are bytes already read past the login. */
-  start(pendingToBackend: Buffer, pendingToClient: Buffer): void {
+  /** Starts the splice; `toBackend` and `toClient` are bytes already read past the login. */
+  start(toBackend: Buffer, toClient: Buffer): void {
     const { client, backend } = this;
     client.on('data', (c: Buffer) => {
       spliceTotals.clientToBackend += c.length;
       if (!backend.write(c)) client.pause();
     });
-    const toClient = (c: Buffer): boolean => {
+    backend.on('data', (c: Buffer) => {
       spliceTotals.backendToClient += c.length;
       this.atLineStart = c[c.length - 1] === 10;
-      return client.write(c);
-    };
-    if (readsShared(backend)) {
-      // `c` is a view into the shared read buffer (see shared-read.ts): behind data already
-      // queued it would be queued too, so it goes as a right-sized copy; otherwise as is,
-      // and if the write could not finish at once the shared buffer is left to that write.
-      setReadSink(backend, (c) => {
-        if (client.writableLength > 0) return toClient(Buffer.from(c));
-        const more = toClient(c);
-        if (client.writableLength > 0) retireSharedReadBuffer();
-        return more; // false pauses the backend until the client drains
-      });
-    } else {
-      backend.on('data', (c: Buffer) => {
-        if (!toClient(c)) backend.pause();
-      });
-    }
+      if (!client.write(c)) backend.pause();
+    });
     client.on('drain', () => backend.resume());
     backend.on('drain', () => client.resume());
     // Half-closes are passed on so a pipelined LOGOUT still gets its answer.
@@ -62,10 +46,10 @@ export class SplicedSession implements LiveSession {
     client.on('close', () => this.close());
     backend.on('close', () => this.closeSoon());
     this.registry.add(this);
-    if (pendingToBackend.length) backend.write(pendingToBackend);
-    if (pendingToClient.length) {
-      this.atLineStart = pendingToClient[pendingToClient.length - 1] === 10;
-      client.write(pendingToClient);
+    if (toBackend.length) backend.write(toBackend);
+    if (toClient.length) {
+      this.atLineStart = toClient[toClient.length - 1] === 10;
+      client.write(toClient);
     }
     client.resume();
     backend.resume();
