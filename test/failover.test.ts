@@ -1,3 +1,6 @@
+import { execFile } from 'node:child_process';
+import { resolve } from 'node:path';
+import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectLines, type LineClient } from './harness/lines.js';
@@ -10,6 +13,15 @@ import { changeInRedis, seedRedis, worldRoutes } from './support/routes.js';
 
 let world: World;
 let proxies: ProxyProcess[] = [];
+
+const execFileP = promisify(execFile);
+const CLI = resolve(import.meta.dirname, '../src/cli.ts');
+
+/** Runs `mailsplice ctl ...` against the test Redis, as a failover tool would. */
+async function ctl(...args: string[]): Promise<string> {
+  const { stdout } = await execFileP(process.execPath, ['--import', 'tsx', CLI, 'ctl', ...args, '--redis', world.redis!.url]);
+  return stdout;
+}
 
 beforeAll(async () => {
   world = await startWorld({ redis: true });
@@ -84,11 +96,18 @@ describe('failover of a store', () => {
     const others = await openMany(10, 'bob@example.com', 'bobpw');
 
     const t0 = Date.now();
-    await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotB', replicas: 'slotA', epoch: '2' });
+    const out = await ctl('failover', 'store1', '--to', 'slotB', '--json');
+    const tDone = Date.now();
+    expect(JSON.parse(out)).toMatchObject({ store: 'store1', to: 'slotB' });
     const byes = await Promise.all(store1.map((s) => s.bye));
+    const first = Math.min(...byes.map((b) => b.at));
     const last = Math.max(...byes.map((b) => b.at));
-    console.log(`failover: ${store1.length} sessions on 2 proxies ended, last BYE ${last - t0} ms after the change was published`);
-    for (const b of byes) expect(b.line).toMatch(/^\* BYE \[UNAVAILABLE\] store moved to another server/);
+    console.log(
+      `failover: ctl failover took ${tDone - t0} ms (process start included); ${store1.length} sessions on 2 proxies ended, ` +
+        `first BYE ${first - t0} ms, last BYE ${last - t0} ms after the command started`,
+    );
+    // The lock is the first step of a failover: sessions end with its reason or the move's.
+    for (const b of byes) expect(b.line).toMatch(/^\* BYE \[UNAVAILABLE\] (store locked for maintenance|store moved to another server)$/);
     expect(last - t0).toBeLessThan(10_000); // generous: a loaded 2-core CI machine
 
     // Sessions of the other store are untouched: still in IDLE, still answering.
@@ -107,10 +126,10 @@ describe('failover of a store', () => {
   it('ends only the moved user on move, and the next login follows', async () => {
     const alice = await openMany(4, 'alice@example.com', 'alicepw');
     const carol = await openMany(4, 'carol@example.com', 'carolpw');
-    await changeInRedis(world.redis!.url, 'user', 'carol@example.com', { store: 'store2' });
-    // store2's master is slotB as well (after the failover above): move carol to store2
-    // and then point store2 elsewhere to see the route change.
-    await changeInRedis(world.redis!.url, 'store', 'store2', { master: 'slotA', replicas: 'slotB', epoch: '5' });
+    // store2's master is slotB, as store1's is after the failover above: point store2 at
+    // slotA first, so that the move changes where carol lands.
+    await ctl('failover', 'store2', '--to', 'slotA');
+    await ctl('move-user', 'carol@example.com', '--to', 'store2');
     for (const s of carol) expect((await s.bye).line).toMatch(/^\* BYE \[UNAVAILABLE\] /);
     for (const s of alice) {
       s.c.send('DONE');
@@ -123,11 +142,11 @@ describe('failover of a store', () => {
 
   it('ends sessions and refuses logins while a store is locked, and serves again after unlock', async () => {
     const bob = await openMany(4, 'bob@example.com', 'bobpw'); // store2, master slotA now
-    await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'locked', epoch: '6' });
+    await ctl('lock', 'store', 'store2');
     for (const s of bob) expect((await s.bye).line).toBe('* BYE [UNAVAILABLE] store locked for maintenance');
     bob.forEach((s) => s.c.close());
     expect(await landsOn(proxies[1]!.port, 'bob@example.com', 'bobpw')).toMatch(/^a NO \[UNAVAILABLE\] /);
-    await changeInRedis(world.redis!.url, 'store', 'store2', { status: 'active', epoch: '7' });
+    await ctl('unlock', 'store', 'store2');
     await expect.poll(() => landsOn(proxies[1]!.port, 'bob@example.com', 'bobpw')).toBe('Subject: on slotA');
   });
 });
@@ -141,7 +160,7 @@ describe('lost event stream', () => {
       // and miss the event; only the resync after resubscribing can catch the change.
       const resyncsBefore = proxies.map((p) => p.log().split('"route events live"').length);
       await admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub');
-      await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '10' });
+      await changeInRedis(world.redis!.url, 'store', 'store1', { master: 'slotA', replicas: 'slotB', epoch: '100' });
       for (const s of alice) expect((await s.bye).line).toMatch(/^\* BYE \[UNAVAILABLE\] store moved/);
       alice.forEach((s) => s.c.close());
       // Both proxies noticed the loss and resynced (their logs reach us a little later than the BYEs).
@@ -156,7 +175,7 @@ describe('lost event stream', () => {
   it('follows changes after Redis itself restarts', async () => {
     const carol = await openMany(4, 'carol@example.com', 'carolpw'); // store2 -> slotA
     await world.redis!.restart();
-    await changeInRedis(world.redis!.url, 'store', 'store2', { master: 'slotB', replicas: 'slotA', epoch: '20' });
+    await changeInRedis(world.redis!.url, 'store', 'store2', { master: 'slotB', replicas: 'slotA', epoch: '200' });
     for (const s of carol) expect((await s.bye).line).toMatch(/^\* BYE \[UNAVAILABLE\] store moved/);
     carol.forEach((s) => s.c.close());
     await expect.poll(() => landsOn(proxies[1]!.port, 'carol@example.com', 'carolpw'), { timeout: 10_000 }).toBe('Subject: on slotB');
