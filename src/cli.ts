@@ -2,7 +2,6 @@
 import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig } from './config.js';
 import { createLogger } from './log.js';
-import { startServer } from './server.js';
 
 const USAGE = `usage:
   mailsplice serve --config FILE         run the proxy
@@ -14,6 +13,8 @@ async function serve(argv: string[]): Promise<void> {
   if (!values.config) throw new ConfigError(`serve needs --config FILE\n${USAGE}`);
   const cfg = loadConfig(values.config);
   const log = createLogger(cfg.log.level);
+  // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
+  const { startServer } = await import('./server.js');
   const server = await startServer(cfg, log);
   process.on('SIGHUP', () => server.reload());
   let stopping = false;
