@@ -1,0 +1,81 @@
+// mailsplice under test: the built CLI (dist/cli.js) as its own process, as in production.
+
+import type { ChildProcess } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { stringify } from 'yaml';
+import { spawnTracked, stopChild } from './procs.js';
+
+export const CLI = resolve(import.meta.dirname, '../../dist/cli.js');
+
+export interface Mailsplice {
+  child: ChildProcess;
+  pid: number;
+  port: number;
+  adminPort: number;
+  log(): string;
+  /** One sample from the admin /metrics endpoint, by metric name (first series). */
+  metric(name: string): Promise<number | undefined>;
+  /** The admin /healthz document. */
+  health(): Promise<{ lookupLive: boolean; sessions: number; preauth: number }>;
+  stop(): Promise<void>;
+}
+
+export async function startMailsplice(opts: {
+  dir: string;
+  port: number;
+  adminPort: number;
+  lookup: Record<string, unknown>;
+  name: string;
+  /** Extra node options, e.g. --cpu-prof (the bench's --cpu-prof DIR). */
+  nodeArgs?: string[];
+}): Promise<Mailsplice> {
+  mkdirSync(opts.dir, { recursive: true });
+  const configFile = join(opts.dir, `${opts.name}.yaml`);
+  writeFileSync(
+    configFile,
+    stringify({
+      listeners: [{ protocol: 'imap', address: '127.0.0.1', port: opts.port }],
+      lookup: opts.lookup,
+      // The load comes from one address: lift the per-IP limits, nothing else.
+      limits: { connections_per_ip: 20000 },
+      admin: { address: '127.0.0.1', port: opts.adminPort },
+      log: { level: 'info' },
+    }),
+  );
+  const { child, output } = spawnTracked(process.execPath, [...(opts.nodeArgs ?? []), CLI, 'serve', '--config', configFile]);
+  await new Promise<void>((res, rej) => {
+    const timer = setTimeout(() => {
+      clearInterval(poll);
+      rej(new Error(`mailsplice ${opts.name} did not start:\n${output()}`));
+    }, 20_000);
+    const poll = setInterval(() => {
+      if (output().includes('"mailsplice started"')) {
+        clearTimeout(timer);
+        clearInterval(poll);
+        res();
+      } else if (child.exitCode !== null) {
+        clearTimeout(timer);
+        clearInterval(poll);
+        rej(new Error(`mailsplice ${opts.name} exited with ${child.exitCode}:\n${output()}`));
+      }
+    }, 20);
+  });
+  const admin = `http://127.0.0.1:${opts.adminPort}`;
+  return {
+    child,
+    pid: child.pid!,
+    port: opts.port,
+    adminPort: opts.adminPort,
+    log: output,
+    async metric(name) {
+      const text = await (await fetch(`${admin}/metrics`)).text();
+      const m = new RegExp(`^${name}(?:\\{[^}]*\\})? ([0-9.e+-]+)`, 'm').exec(text);
+      return m ? Number(m[1]) : undefined;
+    },
+    async health() {
+      return (await (await fetch(`${admin}/healthz`)).json()) as { lookupLive: boolean; sessions: number; preauth: number };
+    },
+    stop: () => stopChild(child, 10_000),
+  };
+}

@@ -1,0 +1,158 @@
+// The results document (bench/results/latest.json) and its human summary (latest.md, stdout).
+
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export interface LoginFigure {
+  target: string;
+  round: number;
+  logins: number;
+  failed: number;
+  seconds: number;
+  perSecond: number;
+  latencyMs: { p50: number; p99: number; max: number };
+  /** CPU time (user+system) per successful login, microseconds, per process (group). */
+  cpuMicrosecondsPerLogin: Record<string, number>;
+  /** CPU seconds per wall second of the proxy's processes (1.0 = one core busy). */
+  proxyCpuUtilization: number;
+  /** Share of the proxy's CPU time spent in the kernel (system time). */
+  proxySystemShare: number;
+  /** Share of both cores busy during the run (1.0 = saturated). */
+  machineBusy: number;
+  errors?: string[];
+}
+
+export interface FetchFigure {
+  target: string;
+  round: number;
+  fetches: number;
+  failed: number;
+  seconds: number;
+  mibPerSecond: number;
+  proxyCpuSecondsPerGiB: number;
+  errors?: string[];
+}
+
+export interface IdleFigure {
+  target: string;
+  sessions: number;
+  failed: number;
+  rssBeforeMiB: number;
+  rssAfterMiB: number;
+  /** (RSS after - RSS before) / sessions: the figure held against the target. */
+  bytesPerSession: number;
+  /** RSS growth over the second half of the sessions only (excludes one-off growth). */
+  marginalBytesPerSession: number;
+  heapUsedBytesPerSession?: number;
+}
+
+export interface FailoverFigure {
+  sessions: number;
+  failedToOpen: number;
+  openSeconds: number;
+  proxies: number;
+  proxyRssMiB: number[];
+  byes: number;
+  closedWithoutBye: number;
+  stillOpen: number;
+  /** Time the MULTI/EXEC (write + PUBLISH) took to answer. */
+  execMs: number;
+  firstByeMs: number | undefined;
+  p50ByeMs: number | undefined;
+  p99ByeMs: number | undefined;
+  /** From just before the MULTI/EXEC to the last `* BYE` any client received. */
+  lastByeMs: number | undefined;
+  sessionsEndedPerSecond: number | undefined;
+  proxyCpuMs: number[];
+}
+
+export interface Verdict {
+  value: number;
+  target: string;
+  met: boolean;
+}
+
+export interface Results {
+  date: string;
+  command: string;
+  machine: Record<string, unknown>;
+  settings: Record<string, unknown>;
+  targets: Record<string, number>;
+  bar: Record<string, number>;
+  logins: LoginFigure[];
+  fetch: FetchFigure[];
+  idle: IdleFigure[];
+  failover: FailoverFigure | undefined;
+  ratios: Record<string, number>;
+  pass: Partial<Record<'logins' | 'fetch' | 'idle' | 'failover', Verdict>>;
+  notes: string[];
+}
+
+function bestBy<T>(list: T[], key: (x: T) => number): T | undefined {
+  return list.reduce<T | undefined>((b, x) => (b === undefined || key(x) > key(b) ? x : b), undefined);
+}
+
+const TARGET_NAMES = ['direct', 'mailsplice', 'nginx-w1', 'nginx-auto'];
+
+export function summaryMarkdown(r: Results): string {
+  const out: string[] = [];
+  const m = r.machine;
+  out.push(`# mailsplice bench, ${r.date}`, '');
+  out.push(`\`${r.command}\``, '');
+  out.push(`Machine: ${m.cpu} x${m.cpus}, ${m.memoryGiB} GiB, Linux ${m.kernel}; node ${m.node}; dovecot ${m.dovecot}; ${m.nginx}; ${m.redis}; load average before ${JSON.stringify(m.loadAverageBefore)}.`, '');
+  const yes = (v: { met: boolean } | undefined) => (v === undefined ? 'not run' : v.met ? 'MET' : 'MISSED');
+
+  if (r.logins.length) {
+    out.push('## 1. IMAP logins/s (connect, greeting, LOGIN, LOGOUT, close)', '');
+    out.push('| target | logins/s (best) | vs direct | p50 ms | p99 ms | proxy CPU us/login | Dovecot CPU us/login | machine busy |');
+    out.push('| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |');
+    for (const t of TARGET_NAMES) {
+      const b = bestBy(r.logins.filter((x) => x.target === t), (x) => x.perSecond);
+      if (!b) continue;
+      const { dovecot, generator: _g, ...proxy } = b.cpuMicrosecondsPerLogin;
+      const ratio = t === 'direct' ? '1.00' : (r.ratios[`logins ${t}`]?.toFixed(2) ?? '');
+      const cpu = Object.entries(proxy).map(([k, v]) => `${k} ${v}`).join(', ') || '-';
+      out.push(`| ${t} | ${b.perSecond} | ${ratio} | ${b.latencyMs.p50} | ${b.latencyMs.p99} | ${cpu} | ${dovecot} | ${b.machineBusy} |`);
+    }
+    out.push('', `Target: mailsplice >= ${r.targets.loginsRatio}x direct (nginx bar ${r.bar.loginsRatio}x): **${yes(r.pass.logins)}**`, '');
+  }
+  if (r.fetch.length) {
+    out.push('## 2. FETCH 1 MiB throughput', '');
+    out.push('| target | MiB/s (best) | vs direct | proxy CPU s/GiB |');
+    out.push('| --- | ---: | ---: | ---: |');
+    for (const t of TARGET_NAMES) {
+      const b = bestBy(r.fetch.filter((x) => x.target === t), (x) => x.mibPerSecond);
+      if (!b) continue;
+      const ratio = t === 'direct' ? '1.00' : (r.ratios[`fetch ${t}`]?.toFixed(2) ?? '');
+      out.push(`| ${t} | ${b.mibPerSecond} | ${ratio} | ${t === 'direct' ? '-' : b.proxyCpuSecondsPerGiB} |`);
+    }
+    out.push('', `Target: mailsplice >= ${r.targets.fetchRatio}x direct (nginx bar ${r.bar.fetchRatio}x): **${yes(r.pass.fetch)}**`, '');
+  }
+  if (r.idle.length) {
+    out.push('## 3. Idle session memory (proxy RSS growth / sessions)', '');
+    out.push('| proxy | sessions | RSS before -> after MiB | bytes/session | marginal bytes/session | JS heap used bytes/session |');
+    out.push('| --- | ---: | --- | ---: | ---: | ---: |');
+    for (const x of r.idle) {
+      out.push(`| ${x.target} | ${x.sessions} | ${x.rssBeforeMiB} -> ${x.rssAfterMiB} | ${x.bytesPerSession} (${(x.bytesPerSession / 1024).toFixed(1)} KiB) | ${x.marginalBytesPerSession} | ${x.heapUsedBytesPerSession ?? '-'} |`);
+    }
+    out.push('', `Target: mailsplice < ${(r.targets.idleBytes! / 1024).toFixed(0)} KiB/session (nginx bar ${(r.bar.idleBytes! / 1024).toFixed(1)} KiB): **${yes(r.pass.idle)}**`, '');
+  }
+  const f = r.failover;
+  if (f) {
+    out.push('## 4. Failover: one store\'s sessions ended by one event', '');
+    out.push(`${f.sessions} sessions (${f.failedToOpen} failed to open, opened in ${f.openSeconds} s) over ${f.proxies} mailsplice processes (RSS ${f.proxyRssMiB.join(', ')} MiB) on one Redis.`, '');
+    out.push('| publish -> first BYE | p50 | p99 | last BYE | BYEs | closed without BYE | still open | sessions ended/s | proxy CPU ms |');
+    out.push('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |');
+    out.push(`| ${f.firstByeMs} ms | ${f.p50ByeMs} ms | ${f.p99ByeMs} ms | ${f.lastByeMs} ms | ${f.byes} | ${f.closedWithoutBye} | ${f.stillOpen} | ${f.sessionsEndedPerSecond} | ${f.proxyCpuMs.join(', ')} |`);
+    out.push('', `Target: ${r.pass.failover?.target}: **${yes(r.pass.failover)}**`, '');
+  }
+  if (r.notes.length) out.push('## Notes', '', ...r.notes.map((n) => `- ${n}`), '');
+  return out.join('\n');
+}
+
+export function writeReport(r: Results, dir: string): void {
+  writeFileSync(join(dir, 'latest.json'), `${JSON.stringify(r, null, 2)}\n`);
+  const md = summaryMarkdown(r);
+  writeFileSync(join(dir, 'latest.md'), md);
+  process.stdout.write(`\n${md}\n`);
+}

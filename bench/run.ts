@@ -1,0 +1,550 @@
+// `npm run bench`: mailsplice against direct Dovecot and nginx's mail proxy, on this machine,
+// in one run, against the same Dovecot. See bench/README.md for what each figure means.
+//
+//   node --import tsx bench/run.ts [--quick] [--only logins,fetch,idle,failover] [--no-nginx]
+//        [--login-seconds 10] [--login-max 60000] [--concurrency 24] [--rounds 2]
+//        [--fetch-seconds 8] [--fetch-sessions 4] [--idle-sessions 2000]
+//        [--failover-sessions 10000] [--dovecot-login performance|security]
+//        [--targets direct,mailsplice,nginx-w1,nginx-auto]   (for logins and fetch)
+//        [--node-options='--max-semi-space-size=1 ...']  (extra node options for every mailsplice)
+//        [--cpu-prof DIR]   (mailsplice of the logins/fetch runs writes a V8 CPU profile to DIR)
+//
+// Every load loop is bounded by a count and a time; every process started here is stopped
+// in `finally`, on SIGINT/SIGTERM, and by a hard stop of the whole run.
+
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import os from 'node:os';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import { Redis } from 'ioredis';
+import { stringify } from 'yaml';
+import { startDovecotSlot, type DovecotSlot } from '../test/harness/dovecot.js';
+import { freePort } from '../test/harness/ports.js';
+import { startRedis, type RedisServer } from '../test/harness/redis.js';
+import type { Job } from './load/worker.js';
+import { startMailsplice, type Mailsplice } from './lib/mailsplice.js';
+import { nginxUnavailable, nginxVersion, startNginx, type Nginx } from './lib/nginx.js';
+import { cpuTimes, forkTs, killAll, machineCpu, nextMessage, rssBytes, setClockTicks, stopChild, treeCpu } from './lib/procs.js';
+import { writeReport, type Results, type LoginFigure, type FetchFigure, type IdleFigure, type FailoverFigure } from './lib/report.js';
+import { hold, loadedWorker, runFetch, runLogins, type Holder } from './lib/workers.js';
+
+const { values: argv } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    only: { type: 'string', default: 'logins,fetch,idle,failover' },
+    'no-nginx': { type: 'boolean', default: false },
+    'login-seconds': { type: 'string' },
+    'login-max': { type: 'string', default: '60000' },
+    concurrency: { type: 'string', default: '24' },
+    rounds: { type: 'string' },
+    'fetch-seconds': { type: 'string' },
+    'fetch-sessions': { type: 'string', default: '4' },
+    'idle-sessions': { type: 'string' },
+    'failover-sessions': { type: 'string' },
+    'dovecot-login': { type: 'string', default: 'performance' },
+    'cpu-prof': { type: 'string' },
+    targets: { type: 'string', default: 'direct,mailsplice,nginx-w1,nginx-auto' },
+    'node-options': { type: 'string' },
+  },
+});
+const quick = argv.quick!;
+const num = (v: string | undefined, dflt: number, name: string): number => {
+  const n = Number(v ?? dflt);
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer`);
+  return n;
+};
+const S = {
+  loginSeconds: num(argv['login-seconds'], quick ? 3 : 10, 'login-seconds'),
+  loginMax: num(argv['login-max'], 60000, 'login-max'),
+  concurrency: num(argv.concurrency, 24, 'concurrency'),
+  rounds: num(argv.rounds, quick ? 1 : 2, 'rounds'),
+  fetchSeconds: num(argv['fetch-seconds'], quick ? 3 : 8, 'fetch-seconds'),
+  fetchSessions: num(argv['fetch-sessions'], 4, 'fetch-sessions'),
+  fetchMax: 100_000,
+  idleSessions: num(argv['idle-sessions'], quick ? 500 : 2000, 'idle-sessions'),
+  failoverSessions: num(argv['failover-sessions'], quick ? 2000 : 10000, 'failover-sessions'),
+  dovecotLogin: argv['dovecot-login'] === 'security' ? ('security' as const) : ('performance' as const),
+};
+const only = new Set(argv.only!.split(','));
+const NODE_OPTIONS = (argv['node-options'] ?? '').split(/\s+/).filter(Boolean);
+const HARD_STOP_MS = 14 * 60_000;
+
+// The targets from the brief.
+const TARGETS = { loginsRatio: 0.85, fetchRatio: 0.8, idleBytes: 8 * 1024, failoverMs: 1000 };
+const BAR = { loginsRatio: 0.54, fetchRatio: 0.58, idleBytes: 9.6 * 1024 };
+
+const DOMAIN = 'bench.example';
+const loginUsers = Array.from({ length: 50 }, (_, i) => ({ name: `user${String(i).padStart(2, '0')}@${DOMAIN}`, pass: `pw${i}` }));
+const fetchUsers = Array.from({ length: S.fetchSessions }, (_, i) => ({ name: `fetch${i}@${DOMAIN}`, pass: `fpw${i}` }));
+const idleUsers = Array.from({ length: 100 }, (_, i) => ({ name: `idle${i}@${DOMAIN}`, pass: `ipw${i}` }));
+const failoverUsers = Array.from({ length: 1000 }, (_, i) => ({ name: `fo${i}@${DOMAIN}`, pass: `fopw${i}` }));
+
+const log = (s: string) => process.stdout.write(`[bench] ${s}\n`);
+const hrMs = () => Number(process.hrtime.bigint()) / 1e6;
+const round = (x: number, d = 2) => Math.round(x * 10 ** d) / 10 ** d;
+
+function version(cmd: string, args: string[]): string {
+  try {
+    return execFileSync(cmd, args, { encoding: 'utf8', stdio: 'pipe' }).trim().split('\n')[0]!;
+  } catch {
+    return 'unavailable';
+  }
+}
+
+/** A 1 MiB RFC 5322 message (exactly 1048576 bytes). */
+function mebibyteMessage(): string {
+  const head = `From: bench@${DOMAIN}\r\nTo: fetch@${DOMAIN}\r\nSubject: one mebibyte\r\nMessage-ID: <mib@${DOMAIN}>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n`;
+  const line = `${'0123456789abcdefghijklmnopqrstuvwxyz'.repeat(3).slice(0, 76)}\r\n`;
+  let body = head;
+  while (body.length + line.length <= 1 << 20) body += line;
+  return body + 'x'.repeat((1 << 20) - body.length);
+}
+
+/** The Dovecot master's pid, found by its config file on the command line. */
+function dovecotPid(slot: DovecotSlot): number {
+  const conf = join(slot.dir, 'dovecot.conf');
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+      if (cmd.includes(conf) && cmd.some((a) => a.endsWith('dovecot'))) return Number(d);
+    } catch {
+      /* gone */
+    }
+  }
+  throw new Error('dovecot master not found');
+}
+
+interface Target {
+  name: string;
+  host: string;
+  port: number;
+  /** Processes whose CPU time is charged to this target's proxy, with labels. */
+  proxyPids: { label: string; pid: number }[];
+}
+
+function job(mode: Job['mode'], t: Target, users: Job['users'], extra: Partial<Job>): Job {
+  return { mode, host: t.host, port: t.port, users, concurrency: S.concurrency, maxCount: S.loginMax, maxSeconds: S.loginSeconds, hardStopSeconds: 120, ...extra };
+}
+
+async function measureLogins(t: Target, dovecot: number, roundNo: number, seconds = S.loginSeconds): Promise<LoginFigure> {
+  const w = await loadedWorker();
+  const c0 = t.proxyPids.map((p) => cpuTimes(p.pid));
+  const d0 = treeCpu(dovecot);
+  const m0 = machineCpu();
+  const r = await runLogins(w, job('logins', t, loginUsers, { maxSeconds: seconds, hardStopSeconds: seconds + 60 }));
+  const m1 = machineCpu();
+  const d1 = treeCpu(dovecot);
+  const c1 = t.proxyPids.map((p) => cpuTimes(p.pid));
+  const cpu0 = c0.map((c) => c.self);
+  const cpu1 = c1.map((c) => c.self);
+  const sys = c1.reduce((a, c, i) => a + c.system - c0[i]!.system, 0);
+  const us = (sec: number) => (r.ok ? round((sec * 1e6) / r.ok, 1) : 0);
+  const proxyCpu: Record<string, number> = {};
+  t.proxyPids.forEach((p, i) => (proxyCpu[p.label] = us(cpu1[i]! - cpu0[i]!)));
+  const fig: LoginFigure = {
+    target: t.name,
+    round: roundNo,
+    logins: r.ok,
+    failed: r.failed,
+    seconds: round(r.seconds),
+    perSecond: round(r.ok / r.seconds, 1),
+    latencyMs: r.latencyMs,
+    cpuMicrosecondsPerLogin: { ...proxyCpu, dovecot: us(d1 - d0), generator: us(r.generatorCpuSeconds) },
+    proxyCpuUtilization: round(t.proxyPids.reduce((a, _p, i) => a + (cpu1[i]! - cpu0[i]!), 0) / r.seconds),
+    proxySystemShare: t.proxyPids.length ? round(sys / Math.max(1e-9, t.proxyPids.reduce((a, _p, i) => a + (cpu1[i]! - cpu0[i]!), 0))) : 0,
+    machineBusy: round((m1.busy - m0.busy) / (m1.total - m0.total), 3),
+    ...(r.firstErrors.length ? { errors: r.firstErrors } : {}),
+  };
+  log(`logins ${t.name.padEnd(10)} round ${roundNo}: ${fig.perSecond}/s (${r.ok} ok, ${r.failed} failed) p50 ${r.latencyMs.p50} ms, cpu/login ${JSON.stringify(fig.cpuMicrosecondsPerLogin)} us (proxy kernel share ${fig.proxySystemShare}), machine busy ${fig.machineBusy}`);
+  if (r.firstErrors.length) log(`  errors: ${r.firstErrors.join(' | ')}`);
+  return fig;
+}
+
+async function measureFetch(t: Target, roundNo: number): Promise<FetchFigure> {
+  const w = await loadedWorker();
+  const cpu0 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
+  const r = await runFetch(
+    w,
+    job('fetch', t, fetchUsers, { concurrency: S.fetchSessions, maxCount: S.fetchMax, maxSeconds: S.fetchSeconds, hardStopSeconds: S.fetchSeconds + 60 }),
+  );
+  const cpu1 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
+  const mib = r.bytes / (1 << 20);
+  const fig: FetchFigure = {
+    target: t.name,
+    round: roundNo,
+    fetches: r.fetches,
+    failed: r.failed,
+    seconds: round(r.seconds),
+    mibPerSecond: round(mib / r.seconds, 1),
+    proxyCpuSecondsPerGiB: mib ? round((t.proxyPids.reduce((a, _p, i) => a + (cpu1[i]! - cpu0[i]!), 0) / mib) * 1024, 2) : 0,
+    ...(r.firstErrors.length ? { errors: r.firstErrors } : {}),
+  };
+  log(`fetch  ${t.name.padEnd(10)} round ${roundNo}: ${fig.mibPerSecond} MiB/s (${r.fetches} fetches, ${r.failed} failed)`);
+  if (r.firstErrors.length) log(`  errors: ${r.firstErrors.join(' | ')}`);
+  return fig;
+}
+
+/** Opens N idle sessions through a proxy in two halves and reads the proxy's memory. */
+async function measureIdle(name: string, t: Target, memPid: () => number, heap?: () => Promise<number | undefined>): Promise<IdleFigure> {
+  const n = S.idleSessions;
+  const half = Math.floor(n / 2);
+  const holdJob = (count: number): Job => job('hold', t, idleUsers, { concurrency: 32, maxCount: count, maxSeconds: 60, hardStopSeconds: 180 });
+  // Warm-up: the code paths run once (JIT, lazily allocated pools), then those sessions go.
+  const warm = await hold(holdJob(200));
+  await warm.release();
+  await sleep(2000);
+  const rss0 = rssBytes(memPid());
+  const heap0 = heap ? await heap() : undefined;
+  const holders: Holder[] = [];
+  try {
+    holders.push(await hold(holdJob(half)));
+    await sleep(3000);
+    const rss1 = rssBytes(memPid());
+    holders.push(await hold(holdJob(n - half)));
+    await sleep(3000);
+    const rss2 = rssBytes(memPid());
+    const heap2 = heap ? await heap() : undefined;
+    const opened = holders.reduce((a, h) => a + h.ready.opened, 0);
+    const failed = holders.reduce((a, h) => a + h.ready.failed, 0);
+    const fig: IdleFigure = {
+      target: name,
+      sessions: opened,
+      failed,
+      rssBeforeMiB: round(rss0 / 2 ** 20, 1),
+      rssAfterMiB: round(rss2 / 2 ** 20, 1),
+      bytesPerSession: Math.round((rss2 - rss0) / opened),
+      marginalBytesPerSession: Math.round((rss2 - rss1) / Math.max(1, holders[1]!.ready.opened)),
+      ...(heap0 !== undefined && heap2 !== undefined ? { heapUsedBytesPerSession: Math.round((heap2 - heap0) / opened) } : {}),
+    };
+    log(`idle   ${name.padEnd(10)}: ${opened} sessions (${failed} failed), RSS ${fig.rssBeforeMiB} -> ${fig.rssAfterMiB} MiB = ${fig.bytesPerSession} B/session (marginal ${fig.marginalBytesPerSession})${fig.heapUsedBytesPerSession !== undefined ? `, heap used ${fig.heapUsedBytesPerSession} B/session` : ''}`);
+    const errs = holders.flatMap((h) => h.ready.firstErrors);
+    if (errs.length) log(`  errors: ${errs.join(' | ')}`);
+    return fig;
+  } finally {
+    await Promise.all(holders.map((h) => h.release()));
+  }
+}
+
+function best<T extends { perSecond?: number; mibPerSecond?: number }>(list: T[], key: 'perSecond' | 'mibPerSecond'): T | undefined {
+  return list.reduce<T | undefined>((b, x) => (b === undefined || (x[key] ?? 0) > (b[key] ?? 0) ? x : b), undefined);
+}
+
+async function main(): Promise<void> {
+  const started = new Date();
+  setClockTicks(Number(version('getconf', ['CLK_TCK'])) || 100);
+  const nginxWhyNot = argv['no-nginx'] ? 'disabled with --no-nginx' : nginxUnavailable();
+  const results: Results = {
+    date: started.toISOString(),
+    command: `node --import tsx bench/run.ts ${process.argv.slice(2).join(' ')}`.trim(),
+    machine: {
+      cpu: os.cpus()[0]?.model ?? 'unknown',
+      cpus: os.cpus().length,
+      memoryGiB: round(os.totalmem() / 2 ** 30, 1),
+      kernel: os.release(),
+      node: process.version,
+      dovecot: version('dovecot', ['--version']),
+      nginx: nginxWhyNot ? `not used: ${nginxWhyNot}` : nginxVersion(),
+      redis: version('redis-server', ['--version']),
+      fdLimit: version('sh', ['-c', 'ulimit -Hn']),
+      loadAverageBefore: os.loadavg().map((x) => round(x)),
+    },
+    settings: { ...S, dovecotLogin: S.dovecotLogin, nginxWorkers: nginxWhyNot ? 'none' : '1 and auto', mailspliceNodeOptions: NODE_OPTIONS.join(' ') },
+    targets: TARGETS,
+    bar: BAR,
+    logins: [],
+    fetch: [],
+    idle: [],
+    failover: undefined,
+    ratios: {},
+    pass: {},
+    notes: [],
+  };
+  if (nginxWhyNot) results.notes.push(`nginx not measured: ${nginxWhyNot}`);
+  const tmp = mkdtempSync(join(os.tmpdir(), 'mailsplice-bench-'));
+  chmodSync(tmp, 0o755);
+  const stops: (() => Promise<void>)[] = [];
+  const stopAll = async () => {
+    for (const s of stops.reverse()) await s().catch((e: unknown) => log(`cleanup: ${(e as Error).message}`));
+    stops.length = 0;
+    await killAll();
+  };
+  const hardStop = setTimeout(() => {
+    log(`hard stop: the run exceeded ${HARD_STOP_MS / 60000} min; stopping everything`);
+    void stopAll().finally(() => process.exit(2));
+  }, HARD_STOP_MS);
+  hardStop.unref();
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      log(`${sig}: stopping everything`);
+      void stopAll().finally(() => process.exit(130));
+    });
+  }
+
+  try {
+    // ---- Dovecot (one slot, shared by every scenario that uses Dovecot) ----------------
+    log(`starting Dovecot (login processes: ${S.dovecotLogin} mode)`);
+    const loginService =
+      S.dovecotLogin === 'performance'
+        ? // Dovecot's documented high-performance mode: login processes serve many connections,
+          // and imap processes are reused for later sessions (all users share one uid here).
+          'service imap-login {\n  service_count = 0\n  process_min_avail = 2\n  client_limit = 4000\n}\n' +
+          'service imap {\n  service_count = 10000\n  process_min_avail = 32\n}\n'
+        : 'service imap-login {\n  process_limit = 2000\n}\n';
+    const slot = await startDovecotSlot({
+      id: 'bench',
+      host: '127.0.0.11',
+      users: [...loginUsers, ...fetchUsers].map((u) => ({ name: u.name, password: u.pass })),
+      dir: join(tmp, 'dovecot'),
+      maxUserIpConnections: 2000,
+      extraConfig: `${loginService}service imap {\n  process_limit = 2000\n}\nservice auth {\n  client_limit = 6000\n}\n`,
+    });
+    stops.push(() => slot.destroy());
+    const mib = mebibyteMessage();
+    for (const u of fetchUsers) await slot.deliver(u.name, mib);
+    const dovecot = dovecotPid(slot);
+    const direct: Target = { name: 'direct', host: slot.host, port: slot.imap, proxyPids: [] };
+
+    // ---- The fake backend for idle and failover sessions ------------------------------
+    const fake = forkTs('servers/fake-imap.ts', ['127.0.0.21:0,127.0.0.22:0', String(HARD_STOP_MS / 1000)]);
+    stops.push(() => stopChild(fake));
+    const fakeAddrs = (await nextMessage(fake, (m) => ((m as { type?: string }).type === 'listening' ? (m as { addresses: { host: string; port: number }[] }).addresses : undefined), 30_000, 'fake backend')) as { host: string; port: number }[];
+    const [oldMaster, newMaster] = fakeAddrs as [{ host: string; port: number }, { host: string; port: number }];
+
+    // ---- mailsplice with the embedded routes file -------------------------------------
+    const routesFile = join(tmp, 'routes.yaml');
+    const users: Record<string, { store: string }> = {};
+    for (const u of [...loginUsers, ...fetchUsers]) users[u.name] = { store: 'dove' };
+    for (const u of idleUsers) users[u.name] = { store: 'idle' };
+    writeFileSync(
+      routesFile,
+      stringify({
+        users,
+        stores: { dove: { master: 'dove1', epoch: 1 }, idle: { master: 'fake1', epoch: 1 } },
+        slots: { dove1: { host: slot.host, imap: slot.imap }, fake1: { host: oldMaster.host, imap: oldMaster.port } },
+      }),
+    );
+    const startMs = async (name: string, lookup: Record<string, unknown>, nodeArgs?: string[]): Promise<Mailsplice> => {
+      const m = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup, nodeArgs: [...NODE_OPTIONS, ...(nodeArgs ?? [])] });
+      stops.push(() => m.stop());
+      return m;
+    };
+
+    // ---- nginx and its auth_http service ------------------------------------------------
+    let auth: { pid: number; port: number } | undefined;
+    const nginxes: Nginx[] = [];
+    const startNx = async (workers: number | 'auto', name: string): Promise<Nginx> => {
+      if (!auth) {
+        const a = forkTs('servers/nginx-auth.ts', [String(HARD_STOP_MS / 1000)]);
+        stops.push(() => stopChild(a));
+        const routes: [string, string, number][] = [
+          ...[...loginUsers, ...fetchUsers].map((u): [string, string, number] => [u.name, slot.host, slot.imap]),
+          ...idleUsers.map((u): [string, string, number] => [u.name, oldMaster.host, oldMaster.port]),
+        ];
+        a.send({ users: routes });
+        auth = await nextMessage(a, (m) => ((m as { type?: string }).type === 'listening' ? (m as { pid: number; port: number }) : undefined), 30_000, 'nginx auth service');
+      }
+      const nx = await startNginx({ dir: join(tmp, name), port: await freePort(), authPort: auth.port, workers });
+      stops.push(() => nx.stop());
+      nginxes.push(nx);
+      return nx;
+    };
+    const nginxTarget = (nx: Nginx, name: string): Target => ({
+      name,
+      host: '127.0.0.1',
+      port: nx.port,
+      proxyPids: [...nx.workerPids().map((pid, i) => ({ label: `nginx worker ${i + 1}`, pid })), { label: 'auth_http service', pid: auth!.pid }],
+    });
+
+    if (only.has('logins') || only.has('fetch')) {
+      const prof = argv['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${resolve(argv['cpu-prof'])}`] : undefined;
+      if (prof) results.notes.push('mailsplice ran with --cpu-prof: its figures include the profiler overhead');
+      const ms = await startMs('mailsplice', { file: routesFile }, prof);
+      const want = new Set(argv.targets!.split(','));
+      const targets: Target[] = [direct, { name: 'mailsplice', host: '127.0.0.1', port: ms.port, proxyPids: [{ label: 'mailsplice', pid: ms.pid }] }];
+      if (!nginxWhyNot) {
+        if (want.has('nginx-w1')) targets.push(nginxTarget(await startNx(1, 'nginx-w1'), 'nginx-w1'));
+        if (want.has('nginx-auto')) targets.push(nginxTarget(await startNx('auto', 'nginx-auto'), 'nginx-auto'));
+      }
+      targets.splice(0, targets.length, ...targets.filter((t) => want.has(t.name)));
+
+      if (only.has('logins')) {
+        log(`scenario 1: IMAP logins/s, ${S.concurrency} connections, ${S.loginSeconds} s or ${S.loginMax} logins per run, best of ${S.rounds}`);
+        for (const t of targets) await measureLogins(t, dovecot, 0, Math.min(2, S.loginSeconds)); // warm-up, not recorded
+        for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.logins.push(await measureLogins(t, dovecot, r));
+      }
+      if (only.has('fetch')) {
+        log(`scenario 2: FETCH 1 MiB, ${S.fetchSessions} sessions, ${S.fetchSeconds} s per run, best of ${S.rounds}`);
+        for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.fetch.push(await measureFetch(t, r));
+      }
+      // Free the CPUs and ports before the next scenarios.
+      await ms.stop();
+      for (const nx of nginxes.splice(0)) await nx.stop();
+    }
+
+    if (only.has('idle')) {
+      log(`scenario 3: idle session memory, ${S.idleSessions} sessions through each proxy (backend: the fake IMAP server)`);
+      const ms = await startMs('mailsplice-idle', { file: routesFile });
+      const msTarget: Target = { name: 'mailsplice', host: '127.0.0.1', port: ms.port, proxyPids: [] };
+      results.idle.push(await measureIdle('mailsplice', msTarget, () => ms.pid, () => ms.metric('mailsplice_process_nodejs_heap_size_used_bytes')));
+      await ms.stop();
+      if (!nginxWhyNot) {
+        const nx = await startNx(1, 'nginx-idle');
+        const worker = nx.workerPids()[0];
+        if (worker === undefined) throw new Error('nginx has no worker process');
+        results.idle.push(await measureIdle('nginx-w1', nginxTarget(nx, 'nginx-w1'), () => worker));
+        await nx.stop();
+      }
+    }
+
+    if (only.has('failover')) results.failover = await failover(tmp, oldMaster, newMaster, stops);
+  } finally {
+    clearTimeout(hardStop);
+    await stopAll();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+
+  summarize(results);
+  const dir = resolve(import.meta.dirname, 'results');
+  mkdirSync(dir, { recursive: true });
+  writeReport(results, dir);
+  log(`written to bench/results/latest.json and bench/results/latest.md`);
+}
+
+function summarize(results: Results): void {
+  const bestOf = (list: LoginFigure[], t: string) => best(list.filter((x) => x.target === t), 'perSecond');
+  const bestF = (list: FetchFigure[], t: string) => best(list.filter((x) => x.target === t), 'mibPerSecond');
+  const ld = bestOf(results.logins, 'direct');
+  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
+    const x = bestOf(results.logins, t);
+    if (ld && x) results.ratios[`logins ${t}`] = round(x.perSecond / ld.perSecond);
+  }
+  const fd = bestF(results.fetch, 'direct');
+  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
+    const x = bestF(results.fetch, t);
+    if (fd && x) results.ratios[`fetch ${t}`] = round(x.mibPerSecond / fd.mibPerSecond);
+  }
+  const pass = results.pass;
+  const lr = results.ratios['logins mailsplice'];
+  if (lr !== undefined) pass.logins = { value: lr, target: `>= ${TARGETS.loginsRatio}x direct`, met: lr >= TARGETS.loginsRatio };
+  const fr = results.ratios['fetch mailsplice'];
+  if (fr !== undefined) pass.fetch = { value: fr, target: `>= ${TARGETS.fetchRatio}x direct`, met: fr >= TARGETS.fetchRatio };
+  const idle = results.idle.find((x) => x.target === 'mailsplice');
+  if (idle) pass.idle = { value: idle.bytesPerSession, target: `< ${TARGETS.idleBytes} bytes/session`, met: idle.bytesPerSession < TARGETS.idleBytes };
+  const fo = results.failover;
+  if (fo) {
+    const ok = fo.lastByeMs !== undefined && fo.lastByeMs <= TARGETS.failoverMs && fo.byes === fo.sessions && fo.sessions >= S.failoverSessions;
+    pass.failover = { value: fo.lastByeMs ?? -1, target: `${S.failoverSessions} sessions ended <= ${TARGETS.failoverMs} ms after the publish`, met: ok };
+  }
+}
+
+/** Scenario 4: two mailsplice processes on one Redis, one store's sessions ended by a failover event. */
+async function failover(
+  tmp: string,
+  oldMaster: { host: string; port: number },
+  newMaster: { host: string; port: number },
+  stops: (() => Promise<void>)[],
+): Promise<FailoverFigure> {
+  const total = S.failoverSessions;
+  const perProxy = Math.ceil(total / 2);
+  log(`scenario 4: failover, ${total} sessions of one store over 2 mailsplice processes on one Redis`);
+  const redis: RedisServer = await startRedis({ dir: join(tmp, 'redis') });
+  stops.push(() => redis.stop());
+  const r = new Redis(redis.url);
+  stops.push(async () => void r.disconnect());
+  const m = r.multi();
+  m.hset('ms:slot:old', { host: oldMaster.host, imap: String(oldMaster.port), status: 'up' });
+  m.hset('ms:slot:new', { host: newMaster.host, imap: String(newMaster.port), status: 'up' });
+  m.hset('ms:store:storeF', { master: 'old', replicas: 'new', status: 'active', epoch: '1' });
+  for (const u of failoverUsers) m.hset(`ms:user:${u.name}`, { store: 'storeF' });
+  await m.exec();
+
+  const proxies: Mailsplice[] = [];
+  for (const name of ['mailsplice-fo1', 'mailsplice-fo2']) {
+    const p = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup: { redis: { url: redis.url } }, nodeArgs: NODE_OPTIONS });
+    stops.push(() => p.stop());
+    proxies.push(p);
+  }
+  // Both must have the event stream before the event.
+  for (const p of proxies) {
+    const deadline = Date.now() + 10_000;
+    while (!(await p.health()).lookupLive) {
+      if (Date.now() > deadline) throw new Error('mailsplice did not subscribe to Redis events');
+      await sleep(50);
+    }
+  }
+  const holders: Holder[] = [];
+  try {
+    const t0 = performance.now();
+    const opened = await Promise.all(
+      proxies.map((p, i) =>
+        hold({
+          mode: 'hold',
+          host: '127.0.0.1',
+          port: p.port,
+          users: failoverUsers.slice(i * 500).concat(failoverUsers.slice(0, i * 500)),
+          concurrency: 64,
+          maxCount: perProxy,
+          maxSeconds: 90,
+          hardStopSeconds: 240,
+        }),
+      ),
+    );
+    holders.push(...opened);
+    const openSeconds = (performance.now() - t0) / 1000;
+    const sessions = holders.reduce((a, h) => a + h.ready.opened, 0);
+    const failedOpen = holders.reduce((a, h) => a + h.ready.failed, 0);
+    const registered = (await Promise.all(proxies.map((p) => p.health()))).map((h) => h.sessions);
+    log(`  ${sessions} sessions open in ${round(openSeconds, 1)} s (${failedOpen} failed), registered per proxy: ${registered.join(', ')}`);
+    const errs = holders.flatMap((h) => h.ready.firstErrors);
+    if (errs.length) log(`  errors: ${errs.join(' | ')}`);
+    const rss = proxies.map((p) => round(rssBytes(p.pid) / 2 ** 20, 1));
+    await sleep(1000);
+
+    // The failover tool's write: the new master and the event, in one MULTI/EXEC.
+    const cpu0 = proxies.map((p) => cpuTimes(p.pid).self);
+    const tPublish = hrMs();
+    await r.multi().hset('ms:store:storeF', { master: 'new', replicas: 'old', epoch: '2' }).publish('ms:events', JSON.stringify({ kind: 'store', id: 'storeF' })).exec();
+    const tExec = hrMs();
+
+    let reports = await Promise.all(holders.map((h) => h.report()));
+    const deadline = Date.now() + 15_000;
+    while (reports.some((x) => x.stillOpen > 0) && Date.now() < deadline) {
+      await sleep(100);
+      reports = await Promise.all(holders.map((h) => h.report()));
+    }
+    const cpu1 = proxies.map((p) => cpuTimes(p.pid).self);
+    const times = reports.flatMap((x) => x.byeTimes).map((t) => t - tPublish).sort((a, b) => a - b);
+    const q = (p: number) => (times.length ? round(times[Math.min(times.length - 1, Math.floor((p / 100) * times.length))]!, 1) : undefined);
+    const last = times.at(-1);
+    const fig: FailoverFigure = {
+      sessions,
+      failedToOpen: failedOpen,
+      openSeconds: round(openSeconds, 1),
+      proxies: proxies.length,
+      proxyRssMiB: rss,
+      byes: times.length,
+      closedWithoutBye: reports.reduce((a, x) => a + x.closedWithoutBye, 0),
+      stillOpen: reports.reduce((a, x) => a + x.stillOpen, 0),
+      execMs: round(tExec - tPublish, 1),
+      firstByeMs: q(0),
+      p50ByeMs: q(50),
+      p99ByeMs: q(99),
+      lastByeMs: last === undefined ? undefined : round(last, 1),
+      sessionsEndedPerSecond: last ? Math.round(times.length / (last / 1000)) : undefined,
+      proxyCpuMs: proxies.map((_p, i) => round((cpu1[i]! - cpu0[i]!) * 1000, 0)),
+    };
+    log(`  publish -> last BYE ${fig.lastByeMs} ms (first ${fig.firstByeMs}, p50 ${fig.p50ByeMs}, p99 ${fig.p99ByeMs}); ${fig.byes} BYEs, ${fig.closedWithoutBye} closed without BYE, ${fig.stillOpen} still open; ${fig.sessionsEndedPerSecond} sessions ended/s`);
+    return fig;
+  } finally {
+    await Promise.all(holders.map((h) => h.release()));
+  }
+}
+
+main().catch(async (e: unknown) => {
+  process.stderr.write(`bench failed: ${(e as Error).stack ?? String(e)}\n`);
+  await killAll();
+  process.exit(1);
+});
