@@ -39,8 +39,8 @@ export class SplicedSession implements LiveSession {
     client.on('drain', () => backend.resume());
     backend.on('drain', () => client.resume());
     // Half-closes are passed on so a pipelined LOGOUT still gets its answer.
-    client.on('end', () => backend.end());
-    backend.on('end', () => client.end());
+    client.on('end', () => endOnce(backend));
+    backend.on('end', () => endOnce(client));
     client.on('error', () => this.close());
     backend.on('error', () => this.close());
     client.on('close', () => this.close());
@@ -80,6 +80,15 @@ export class SplicedSession implements LiveSession {
     if (this.closed) return;
     this.closed = true;
     this.registry.remove(this);
-    this.client.end();
+    endOnce(this.client);
   }
+}
+
+/**
+ * Ends our side unless that already happened: `end()` on a finished or destroyed socket
+ * builds an error object (with a stack trace) only to drop it, and every LOGOUT got here
+ * two or three times.
+ */
+function endOnce(s: Socket): void {
+  if (!s.writableEnded && !s.destroyed) s.end();
 }
