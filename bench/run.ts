@@ -163,15 +163,20 @@ async function measureLogins(t: Target, dovecot: number, roundNo: number, second
   return fig;
 }
 
-async function measureFetch(t: Target, roundNo: number): Promise<FetchFigure> {
+async function measureFetch(t: Target, dovecot: number, roundNo: number): Promise<FetchFigure> {
   const w = await loadedWorker();
   const cpu0 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
+  const d0 = treeCpu(dovecot);
+  const m0 = machineCpu();
   const r = await runFetch(
     w,
     job('fetch', t, fetchUsers, { concurrency: S.fetchSessions, maxCount: S.fetchMax, maxSeconds: S.fetchSeconds, hardStopSeconds: S.fetchSeconds + 60 }),
   );
+  const m1 = machineCpu();
+  const d1 = treeCpu(dovecot);
   const cpu1 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
   const mib = r.bytes / (1 << 20);
+  const perGiB = (sec: number) => (mib ? round((sec / mib) * 1024, 2) : 0);
   const fig: FetchFigure = {
     target: t.name,
     round: roundNo,
@@ -179,10 +184,14 @@ async function measureFetch(t: Target, roundNo: number): Promise<FetchFigure> {
     failed: r.failed,
     seconds: round(r.seconds),
     mibPerSecond: round(mib / r.seconds, 1),
-    proxyCpuSecondsPerGiB: mib ? round((t.proxyPids.reduce((a, _p, i) => a + (cpu1[i]! - cpu0[i]!), 0) / mib) * 1024, 2) : 0,
+    proxyCpuSecondsPerGiB: perGiB(t.proxyPids.reduce((a, _p, i) => a + (cpu1[i]! - cpu0[i]!), 0)),
+    // Whole-run figures (they include the sessions' login and warm-up fetch).
+    dovecotCpuSecondsPerGiB: perGiB(d1 - d0),
+    generatorCpuSecondsPerGiB: perGiB(r.generatorCpuSeconds),
+    machineBusy: round((m1.busy - m0.busy) / (m1.total - m0.total), 3),
     ...(r.firstErrors.length ? { errors: r.firstErrors } : {}),
   };
-  log(`fetch  ${t.name.padEnd(10)} round ${roundNo}: ${fig.mibPerSecond} MiB/s (${r.fetches} fetches, ${r.failed} failed)`);
+  log(`fetch  ${t.name.padEnd(10)} round ${roundNo}: ${fig.mibPerSecond} MiB/s (${r.fetches} fetches, ${r.failed} failed), CPU s/GiB: proxy ${fig.proxyCpuSecondsPerGiB}, dovecot ${fig.dovecotCpuSecondsPerGiB}, generator ${fig.generatorCpuSecondsPerGiB}; machine busy ${fig.machineBusy}`);
   if (r.firstErrors.length) log(`  errors: ${r.firstErrors.join(' | ')}`);
   return fig;
 }
@@ -377,7 +386,7 @@ async function main(): Promise<void> {
       }
       if (only.has('fetch')) {
         log(`scenario 2: FETCH 1 MiB, ${S.fetchSessions} sessions, ${S.fetchSeconds} s per run, best of ${S.rounds}`);
-        for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.fetch.push(await measureFetch(t, r));
+        for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.fetch.push(await measureFetch(t, dovecot, r));
       }
       // Free the CPUs and ports before the next scenarios.
       await ms.stop();

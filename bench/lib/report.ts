@@ -30,6 +30,9 @@ export interface FetchFigure {
   seconds: number;
   mibPerSecond: number;
   proxyCpuSecondsPerGiB: number;
+  dovecotCpuSecondsPerGiB: number;
+  generatorCpuSecondsPerGiB: number;
+  machineBusy: number;
   errors?: string[];
 }
 
@@ -118,13 +121,13 @@ export function summaryMarkdown(r: Results): string {
   }
   if (r.fetch.length) {
     out.push('## 2. FETCH 1 MiB throughput', '');
-    out.push('| target | MiB/s (best) | vs direct | proxy CPU s/GiB |');
-    out.push('| --- | ---: | ---: | ---: |');
+    out.push('| target | MiB/s (best) | vs direct | proxy CPU s/GiB | Dovecot CPU s/GiB | client CPU s/GiB | machine busy |');
+    out.push('| --- | ---: | ---: | ---: | ---: | ---: | ---: |');
     for (const t of TARGET_NAMES) {
       const b = bestBy(r.fetch.filter((x) => x.target === t), (x) => x.mibPerSecond);
       if (!b) continue;
       const ratio = t === 'direct' ? '1.00' : (r.ratios[`fetch ${t}`]?.toFixed(2) ?? '');
-      out.push(`| ${t} | ${b.mibPerSecond} | ${ratio} | ${t === 'direct' ? '-' : b.proxyCpuSecondsPerGiB} |`);
+      out.push(`| ${t} | ${b.mibPerSecond} | ${ratio} | ${t === 'direct' ? '-' : b.proxyCpuSecondsPerGiB} | ${b.dovecotCpuSecondsPerGiB} | ${b.generatorCpuSecondsPerGiB} | ${b.machineBusy} |`);
     }
     out.push('', `Target: mailsplice >= ${r.targets.fetchRatio}x direct (nginx bar ${r.bar.fetchRatio}x): **${yes(r.pass.fetch)}**`, '');
   }

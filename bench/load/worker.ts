@@ -37,6 +37,8 @@ export interface LoginResult {
 }
 
 export interface FetchResult {
+  /** The generator's own CPU seconds (user+system) for the measured loop. */
+  generatorCpuSeconds: number;
   fetches: number;
   bytes: number;
   failed: number;
@@ -129,6 +131,7 @@ async function fetch(job: Job): Promise<FetchResult> {
   );
   let started = 0;
   let fetches = 0;
+  const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   const deadline = t0 + job.maxSeconds * 1000;
   await Promise.all(
@@ -148,9 +151,10 @@ async function fetch(job: Job): Promise<FetchResult> {
     }),
   );
   const seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
   const bytes = sessions.reduce((a, c) => a + c.literalBytes, 0);
   await Promise.all(sessions.map((c) => c.logout(2000).catch(() => c.destroy())));
-  return { fetches, bytes, failed, firstErrors, seconds };
+  return { generatorCpuSeconds: (cpu.user + cpu.system) / 1e6, fetches, bytes, failed, firstErrors, seconds };
 }
 
 async function hold(job: Job): Promise<void> {

@@ -1,0 +1,84 @@
+// The proxy's CPU time per IMAP login, for comparing builds: mailsplice (a built dist/cli.js)
+// in front of the fake backend (cheap, so the proxy's share of the 2 cores stays steady),
+// several short runs, the median of proxy CPU microseconds per login (user and system).
+//
+//   node --import tsx bench/tools/login-cpu.ts [--cli dist/cli.js ...] [--runs 7] [--seconds 4] [--node-options='...']
+//
+// To compare a change: build, copy dist/ aside inside the repo so that node_modules resolve
+// (cp -r dist .tmp/dist-a), apply the change, build again, then
+//   node --import tsx bench/tools/login-cpu.ts --cli .tmp/dist-a/cli.js --cli dist/cli.js
+// Every build runs as its own process at the same time, and runs alternate between them, so
+// the load other programs put on the machine falls on both alike.
+
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { stringify } from 'yaml';
+import { freePort } from '../../test/harness/ports.js';
+import { spawnTracked, stopChild, forkTs, nextMessage, cpuTimes, killAll, setClockTicks } from '../lib/procs.js';
+import { loadedWorker, runLogins } from '../lib/workers.js';
+
+const { values } = parseArgs({
+  options: {
+    cli: { type: 'string', multiple: true, default: ['dist/cli.js'] },
+    runs: { type: 'string', default: '7' },
+    seconds: { type: 'string', default: '4' },
+    concurrency: { type: 'string', default: '16' },
+    'node-options': { type: 'string', default: '' },
+  },
+});
+setClockTicks(100);
+
+async function main(): Promise<void> {
+  const tmp = mkdtempSync(join(os.tmpdir(), 'mailsplice-logincpu-'));
+  try {
+    const fake = forkTs('servers/fake-imap.ts', ['127.0.0.21:0', '600']);
+    const [backend] = await nextMessage(fake, (m) => (m as { addresses?: { host: string; port: number }[] }).addresses, 30_000, 'fake backend');
+    const users = Array.from({ length: 50 }, (_, i) => ({ name: `u${i}@bench.example`, pass: 'x' }));
+    const routes = join(tmp, 'routes.yaml');
+    writeFileSync(
+      routes,
+      stringify({
+        users: Object.fromEntries(users.map((u) => [u.name, { store: 's' }])),
+        stores: { s: { master: 'f', epoch: 1 } },
+        slots: { f: { host: backend!.host, imap: backend!.port } },
+      }),
+    );
+    const nodeArgs = values['node-options']!.split(/\s+/).filter(Boolean);
+    const proxies: { cli: string; port: number; pid: number; child: ReturnType<typeof spawnTracked>['child']; rows: { us: number; user: number; sys: number; rate: number }[] }[] = [];
+    for (const [i, cli] of values.cli!.entries()) {
+      const port = await freePort();
+      const config = join(tmp, `ms${i}.yaml`);
+      writeFileSync(config, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup: { file: routes }, limits: { connections_per_ip: 20000 }, log: { level: 'info' } }));
+      const { child, output } = spawnTracked(process.execPath, [...nodeArgs, resolve(cli), 'serve', '--config', config]);
+      for (let t = 0; t < 200 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
+      if (!output().includes('"mailsplice started"')) throw new Error(`mailsplice ${cli} did not start: ${output()}`);
+      proxies.push({ cli, port, pid: child.pid!, child, rows: [] });
+    }
+    const job = (port: number, seconds: number) => ({ mode: 'logins' as const, host: '127.0.0.1', port, users, concurrency: Number(values.concurrency), maxCount: 200_000, maxSeconds: seconds, hardStopSeconds: seconds + 60 });
+    for (const p of proxies) await runLogins(await loadedWorker(), job(p.port, 2)); // warm-up
+    for (let i = 0; i < Number(values.runs); i++) {
+      for (const p of proxies) {
+        const w = await loadedWorker();
+        const a = cpuTimes(p.pid);
+        const r = await runLogins(w, job(p.port, Number(values.seconds)));
+        const b = cpuTimes(p.pid);
+        const per = (s: number) => (s * 1e6) / r.ok;
+        p.rows.push({ us: per(b.self - a.self), user: per(b.user - a.user), sys: per(b.system - a.system), rate: r.ok / r.seconds });
+        console.log(`run ${i + 1} ${p.cli}: ${Math.round(r.ok / r.seconds)} logins/s, proxy CPU ${per(b.self - a.self).toFixed(0)} us/login (user ${per(b.user - a.user).toFixed(0)}, system ${per(b.system - a.system).toFixed(0)})${r.failed ? `, ${r.failed} failed: ${r.firstErrors[0]}` : ''}`);
+      }
+    }
+    for (const p of proxies) {
+      const med = (k: 'us' | 'user' | 'sys' | 'rate') => p.rows.map((r) => r[k]).sort((x, y) => x - y)[Math.floor(p.rows.length / 2)]!;
+      console.log(`median ${p.cli} ${nodeArgs.join(' ')}: proxy CPU ${med('us').toFixed(0)} us/login (user ${med('user').toFixed(0)}, system ${med('sys').toFixed(0)}), ${med('rate').toFixed(0)} logins/s`);
+      await stopChild(p.child);
+    }
+    await stopChild(fake);
+  } finally {
+    await killAll();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+await main();
