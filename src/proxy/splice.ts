@@ -27,17 +27,20 @@ export class SplicedSession implements LiveSession {
   /** Starts the splice; `toBackend` and `toClient` are bytes already read past the login. */
   start(toBackend: Buffer, toClient: Buffer): void {
     const { client, backend } = this;
+    // After end() nothing may reach the old backend, even in the moment before it is closed.
     client.on('data', (c: Buffer) => {
+      if (this.closed) return;
       spliceTotals.clientToBackend += c.length;
       if (!backend.write(c)) client.pause();
     });
     backend.on('data', (c: Buffer) => {
+      if (this.closed) return;
       spliceTotals.backendToClient += c.length;
       this.atLineStart = c[c.length - 1] === 10;
       if (!client.write(c)) backend.pause();
     });
-    client.on('drain', () => backend.resume());
-    backend.on('drain', () => client.resume());
+    client.on('drain', () => this.closed || backend.resume());
+    backend.on('drain', () => this.closed || client.resume());
     // Half-closes are passed on so a pipelined LOGOUT still gets its answer.
     client.on('end', () => endOnce(backend));
     backend.on('end', () => endOnce(client));
@@ -60,7 +63,13 @@ export class SplicedSession implements LiveSession {
     if (this.closed) return;
     this.closed = true;
     this.registry.remove(this);
-    this.backend.destroy();
+    // Nothing moves either way from here on. The old backend connection is closed once the
+    // current batch of ended sessions has had its BYEs: an event ends thousands of sessions
+    // in one loop, and closing each backend first (a close is as dear as the BYE's write)
+    // made the last client wait for all those closes too.
+    this.client.pause();
+    this.backend.pause();
+    closeLater(this.backend);
     // Mid-response (inside a literal) a BYE would corrupt what the client is parsing: then
     // the connection is just closed, which every client handles as a lost connection.
     if (this.farewell && this.atLineStart) this.client.write(this.farewell(reason));
@@ -82,6 +91,18 @@ export class SplicedSession implements LiveSession {
     this.registry.remove(this);
     endOnce(this.client);
   }
+}
+
+let toClose: Socket[] = [];
+
+/** Destroys `s` after the current macrotask (one setImmediate for the whole batch). */
+function closeLater(s: Socket): void {
+  if (toClose.push(s) > 1) return;
+  setImmediate(() => {
+    const batch = toClose;
+    toClose = [];
+    for (const b of batch) b.destroy();
+  });
 }
 
 /**
