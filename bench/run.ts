@@ -2,11 +2,12 @@
 // in one run, against the same Dovecot. See bench/README.md for what each figure means.
 //
 //   node --import tsx bench/run.ts [--quick] [--only logins,fetch,idle,failover] [--no-nginx]
-//        [--login-seconds 10] [--login-max 60000] [--concurrency 24] [--rounds 2]
+//        [--login-seconds 10] [--login-max 60000] [--concurrency 24] [--rounds 3]
 //        [--fetch-seconds 8] [--fetch-sessions 4] [--idle-sessions 2000]
 //        [--failover-sessions 10000] [--dovecot-login performance|security]
 //        [--targets direct,mailsplice,nginx-w1,nginx-auto]   (for logins and fetch)
 //        [--node-options='--max-semi-space-size=1 ...']  (extra node options for every mailsplice)
+//        [--cli PATH]   (another build of mailsplice's dist/cli.js, to compare; inside the repo)
 //        [--cpu-prof DIR]   (mailsplice of the logins/fetch runs writes a V8 CPU profile to DIR)
 //
 // Every load loop is bounded by a count and a time; every process started here is stopped
@@ -47,6 +48,7 @@ const { values: argv } = parseArgs({
     'cpu-prof': { type: 'string' },
     targets: { type: 'string', default: 'direct,mailsplice,nginx-w1,nginx-auto' },
     'node-options': { type: 'string' },
+    cli: { type: 'string' },
   },
 });
 const quick = argv.quick!;
@@ -59,7 +61,8 @@ const S = {
   loginSeconds: num(argv['login-seconds'], quick ? 3 : 10, 'login-seconds'),
   loginMax: num(argv['login-max'], 60000, 'login-max'),
   concurrency: num(argv.concurrency, 24, 'concurrency'),
-  rounds: num(argv.rounds, quick ? 1 : 2, 'rounds'),
+  rounds: num(argv.rounds, quick ? 1 : 3, 'rounds'),
+  latencySeconds: quick ? 2 : 5,
   fetchSeconds: num(argv['fetch-seconds'], quick ? 3 : 8, 'fetch-seconds'),
   fetchSessions: num(argv['fetch-sessions'], 4, 'fetch-sessions'),
   fetchMax: 100_000,
@@ -69,6 +72,7 @@ const S = {
 };
 const only = new Set(argv.only!.split(','));
 const NODE_OPTIONS = (argv['node-options'] ?? '').split(/\s+/).filter(Boolean);
+const CLI_PATH = argv.cli ? resolve(argv.cli) : undefined;
 const HARD_STOP_MS = 14 * 60_000;
 
 // The targets from the brief.
@@ -129,12 +133,12 @@ function job(mode: Job['mode'], t: Target, users: Job['users'], extra: Partial<J
   return { mode, host: t.host, port: t.port, users, concurrency: S.concurrency, maxCount: S.loginMax, maxSeconds: S.loginSeconds, hardStopSeconds: 120, ...extra };
 }
 
-async function measureLogins(t: Target, dovecot: number, roundNo: number, seconds = S.loginSeconds): Promise<LoginFigure> {
+async function measureLogins(t: Target, dovecot: number, roundNo: number, seconds = S.loginSeconds, concurrency = S.concurrency): Promise<LoginFigure> {
   const w = await loadedWorker();
   const c0 = t.proxyPids.map((p) => cpuTimes(p.pid));
   const d0 = treeCpu(dovecot);
   const m0 = machineCpu();
-  const r = await runLogins(w, job('logins', t, loginUsers, { maxSeconds: seconds, hardStopSeconds: seconds + 60 }));
+  const r = await runLogins(w, job('logins', t, loginUsers, { concurrency, maxSeconds: seconds, hardStopSeconds: seconds + 60 }));
   const m1 = machineCpu();
   const d1 = treeCpu(dovecot);
   const c1 = t.proxyPids.map((p) => cpuTimes(p.pid));
@@ -147,6 +151,7 @@ async function measureLogins(t: Target, dovecot: number, roundNo: number, second
   const fig: LoginFigure = {
     target: t.name,
     round: roundNo,
+    concurrency,
     logins: r.ok,
     failed: r.failed,
     seconds: round(r.seconds),
@@ -158,7 +163,7 @@ async function measureLogins(t: Target, dovecot: number, roundNo: number, second
     machineBusy: round((m1.busy - m0.busy) / (m1.total - m0.total), 3),
     ...(r.firstErrors.length ? { errors: r.firstErrors } : {}),
   };
-  log(`logins ${t.name.padEnd(10)} round ${roundNo}: ${fig.perSecond}/s (${r.ok} ok, ${r.failed} failed) p50 ${r.latencyMs.p50} ms, cpu/login ${JSON.stringify(fig.cpuMicrosecondsPerLogin)} us (proxy kernel share ${fig.proxySystemShare}), machine busy ${fig.machineBusy}`);
+  log(`logins ${t.name.padEnd(10)} x${concurrency} round ${roundNo}: ${fig.perSecond}/s (${r.ok} ok, ${r.failed} failed) p50 ${r.latencyMs.p50} ms, cpu/login ${JSON.stringify(fig.cpuMicrosecondsPerLogin)} us (proxy kernel share ${fig.proxySystemShare}), machine busy ${fig.machineBusy}`);
   if (r.firstErrors.length) log(`  errors: ${r.firstErrors.join(' | ')}`);
   return fig;
 }
@@ -260,7 +265,7 @@ async function main(): Promise<void> {
       fdLimit: version('sh', ['-c', 'ulimit -Hn']),
       loadAverageBefore: os.loadavg().map((x) => round(x)),
     },
-    settings: { ...S, dovecotLogin: S.dovecotLogin, nginxWorkers: nginxWhyNot ? 'none' : '1 and auto', mailspliceNodeOptions: NODE_OPTIONS.join(' ') },
+    settings: { ...S, dovecotLogin: S.dovecotLogin, nginxWorkers: nginxWhyNot ? 'none' : '1 and auto', mailspliceNodeOptions: NODE_OPTIONS.join(' '), mailspliceCli: CLI_PATH ?? 'dist/cli.js' },
     targets: TARGETS,
     bar: BAR,
     logins: [],
@@ -336,7 +341,7 @@ async function main(): Promise<void> {
       }),
     );
     const startMs = async (name: string, lookup: Record<string, unknown>, nodeArgs?: string[]): Promise<Mailsplice> => {
-      const m = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup, nodeArgs: [...NODE_OPTIONS, ...(nodeArgs ?? [])] });
+      const m = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup, nodeArgs: [...NODE_OPTIONS, ...(nodeArgs ?? [])], cli: CLI_PATH });
       stops.push(() => m.stop());
       return m;
     };
@@ -383,6 +388,9 @@ async function main(): Promise<void> {
         log(`scenario 1: IMAP logins/s, ${S.concurrency} connections, ${S.loginSeconds} s or ${S.loginMax} logins per run, best of ${S.rounds}`);
         for (const t of targets) await measureLogins(t, dovecot, 0, Math.min(2, S.loginSeconds)); // warm-up, not recorded
         for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.logins.push(await measureLogins(t, dovecot, r));
+        // One connection at a time: not CPU-bound, so this shows the time a proxy adds to a login.
+        log(`scenario 1b: IMAP logins/s with one connection at a time, ${S.latencySeconds} s per target`);
+        for (const t of targets) results.logins.push(await measureLogins(t, dovecot, 1, S.latencySeconds, 1));
       }
       if (only.has('fetch')) {
         log(`scenario 2: FETCH 1 MiB, ${S.fetchSessions} sessions, ${S.fetchSeconds} s per run, best of ${S.rounds}`);
@@ -423,12 +431,17 @@ async function main(): Promise<void> {
 }
 
 function summarize(results: Results): void {
-  const bestOf = (list: LoginFigure[], t: string) => best(list.filter((x) => x.target === t), 'perSecond');
+  const bestOf = (list: LoginFigure[], t: string, c = S.concurrency) => best(list.filter((x) => x.target === t && x.concurrency === c), 'perSecond');
   const bestF = (list: FetchFigure[], t: string) => best(list.filter((x) => x.target === t), 'mibPerSecond');
   const ld = bestOf(results.logins, 'direct');
   for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
     const x = bestOf(results.logins, t);
     if (ld && x) results.ratios[`logins ${t}`] = round(x.perSecond / ld.perSecond);
+  }
+  const l1 = bestOf(results.logins, 'direct', 1);
+  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
+    const x = bestOf(results.logins, t, 1);
+    if (l1 && x) results.ratios[`logins x1 ${t}`] = round(x.perSecond / l1.perSecond);
   }
   const fd = bestF(results.fetch, 'direct');
   for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
@@ -472,7 +485,7 @@ async function failover(
 
   const proxies: Mailsplice[] = [];
   for (const name of ['mailsplice-fo1', 'mailsplice-fo2']) {
-    const p = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup: { redis: { url: redis.url } }, nodeArgs: NODE_OPTIONS });
+    const p = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup: { redis: { url: redis.url } }, nodeArgs: NODE_OPTIONS, cli: CLI_PATH });
     stops.push(() => p.stop());
     proxies.push(p);
   }

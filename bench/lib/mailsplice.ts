@@ -1,7 +1,7 @@
 // mailsplice under test: the built CLI (dist/cli.js) as its own process, as in production.
 
 import type { ChildProcess } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
 import { spawnTracked, stopChild } from './procs.js';
@@ -29,6 +29,8 @@ export async function startMailsplice(opts: {
   name: string;
   /** Extra node options, e.g. --cpu-prof (the bench's --cpu-prof DIR). */
   nodeArgs?: string[];
+  /** The built CLI to run; dist/cli.js by default (another build to compare: bench --cli). */
+  cli?: string;
 }): Promise<Mailsplice> {
   mkdirSync(opts.dir, { recursive: true });
   const configFile = join(opts.dir, `${opts.name}.yaml`);
@@ -43,7 +45,14 @@ export async function startMailsplice(opts: {
       log: { level: 'info' },
     }),
   );
-  const { child, output } = spawnTracked(process.execPath, [...(opts.nodeArgs ?? []), CLI, 'serve', '--config', configFile]);
+  // BENCH_PROXY_LOG_DIR=DIR keeps each proxy's stdout/stderr (e.g. with --node-options=--trace-gc).
+  const logDir = process.env.BENCH_PROXY_LOG_DIR;
+  const { child, output } = spawnTracked(process.execPath, [...(opts.nodeArgs ?? []), opts.cli ?? CLI, 'serve', '--config', configFile]);
+  if (logDir) {
+    const file = createWriteStream(join(logDir, `${opts.name}-${child.pid}.log`));
+    child.stdout!.pipe(file);
+    child.stderr!.pipe(file);
+  }
   await new Promise<void>((res, rej) => {
     const timer = setTimeout(() => {
       clearInterval(poll);

@@ -8,7 +8,8 @@
 // (cp -r dist .tmp/dist-a), apply the change, build again, then
 //   node --import tsx bench/tools/login-cpu.ts --cli .tmp/dist-a/cli.js --cli dist/cli.js
 // Every build runs as its own process at the same time, and runs alternate between them, so
-// the load other programs put on the machine falls on both alike.
+// the load other programs put on the machine falls on both alike. A --cli value may carry
+// node options after the path: --cli 'dist/cli.js --max-semi-space-size=1'.
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -51,7 +52,8 @@ async function main(): Promise<void> {
       const port = await freePort();
       const config = join(tmp, `ms${i}.yaml`);
       writeFileSync(config, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup: { file: routes }, limits: { connections_per_ip: 20000 }, log: { level: 'info' } }));
-      const { child, output } = spawnTracked(process.execPath, [...nodeArgs, resolve(cli), 'serve', '--config', config]);
+      const [path = '', ...own] = cli.split(/\s+/);
+      const { child, output } = spawnTracked(process.execPath, [...nodeArgs, ...own, resolve(path), 'serve', '--config', config]);
       for (let t = 0; t < 200 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
       if (!output().includes('"mailsplice started"')) throw new Error(`mailsplice ${cli} did not start: ${output()}`);
       proxies.push({ cli, port, pid: child.pid!, child, rows: [] });
