@@ -7,6 +7,7 @@
 //        [--failover-sessions 10000] [--dovecot-login performance|security]
 //        [--targets direct,mailsplice,nginx-w1,nginx-auto]   (for logins and fetch)
 //        [--node-options='--max-semi-space-size=1 ...']  (extra node options for every mailsplice)
+//        [--results NAME]   (bench/results/NAME.json and NAME.md; default latest)
 //        [--cli PATH]   (another build of mailsplice's dist/cli.js, to compare; inside the repo)
 //        [--cpu-prof DIR]   (mailsplice of the logins/fetch runs writes a V8 CPU profile to DIR)
 //
@@ -49,6 +50,7 @@ const { values: argv } = parseArgs({
     targets: { type: 'string', default: 'direct,mailsplice,nginx-w1,nginx-auto' },
     'node-options': { type: 'string' },
     cli: { type: 'string' },
+    results: { type: 'string', default: 'latest' },
   },
 });
 const quick = argv.quick!;
@@ -426,8 +428,9 @@ async function main(): Promise<void> {
   summarize(results);
   const dir = resolve(import.meta.dirname, 'results');
   mkdirSync(dir, { recursive: true });
-  writeReport(results, dir);
-  log(`written to bench/results/latest.json and bench/results/latest.md`);
+  const name = argv.results!.replace(/[^A-Za-z0-9._-]/g, '_');
+  writeReport(results, dir, name);
+  log(`written to bench/results/${name}.json and bench/results/${name}.md`);
 }
 
 function summarize(results: Results): void {

@@ -106,6 +106,20 @@ export function summaryMarkdown(r: Results): string {
   out.push(`\`${r.command}\``, '');
   out.push(`Machine: ${m.cpu} x${m.cpus}, ${m.memoryGiB} GiB, Linux ${m.kernel}; node ${m.node}; dovecot ${m.dovecot}; ${m.nginx}; ${m.redis}; load average before ${JSON.stringify(m.loadAverageBefore)}.`, '');
   const yes = (v: { met: boolean } | undefined) => (v === undefined ? 'not run' : v.met ? 'MET' : 'MISSED');
+  const idleOf = (t: string) => r.idle.find((x) => x.target === t);
+  const kib = (b: number | undefined) => (b === undefined ? '-' : `${(b / 1024).toFixed(1)} KiB`);
+  const ratio = (k: string) => (r.ratios[k] === undefined ? '-' : `${r.ratios[k]!.toFixed(2)}x`);
+  out.push('## Summary', '');
+  out.push('| figure | mailsplice | nginx (1 worker) | nginx (auto) | target | bar (nginx, team) | |');
+  out.push('| --- | ---: | ---: | ---: | ---: | ---: | --- |');
+  out.push(`| logins/s vs direct | ${ratio('logins mailsplice')} | ${ratio('logins nginx-w1')} | ${ratio('logins nginx-auto')} | >= ${r.targets.loginsRatio}x | ${r.bar.loginsRatio}x | ${yes(r.pass.logins)} |`);
+  out.push(`| logins/s vs direct, one connection at a time | ${ratio('logins x1 mailsplice')} | ${ratio('logins x1 nginx-w1')} | ${ratio('logins x1 nginx-auto')} | | | |`);
+  out.push(`| FETCH 1 MiB MiB/s vs direct | ${ratio('fetch mailsplice')} | ${ratio('fetch nginx-w1')} | ${ratio('fetch nginx-auto')} | >= ${r.targets.fetchRatio}x | ${r.bar.fetchRatio}x | ${yes(r.pass.fetch)} |`);
+  out.push(`| idle session (RSS growth / sessions) | ${kib(idleOf('mailsplice')?.bytesPerSession)} | ${kib(idleOf('nginx-w1')?.bytesPerSession)} | | < ${kib(r.targets.idleBytes)} | ${kib(r.bar.idleBytes)} | ${yes(r.pass.idle)} |`);
+  out.push(`| idle session, marginal (second half only) | ${kib(idleOf('mailsplice')?.marginalBytesPerSession)} | ${kib(idleOf('nginx-w1')?.marginalBytesPerSession)} | | | | |`);
+  const fo = r.failover;
+  out.push(`| failover: publish -> last BYE | ${fo ? `${fo.lastByeMs} ms (${fo.byes}/${fo.sessions})` : '-'} | n/a | n/a | <= ${r.targets.failoverMs} ms | | ${yes(r.pass.failover)} |`);
+  out.push('');
 
   const busy = r.settings.concurrency as number;
   const loaded = r.logins.filter((x) => x.concurrency === busy);
@@ -170,9 +184,9 @@ export function summaryMarkdown(r: Results): string {
   return out.join('\n');
 }
 
-export function writeReport(r: Results, dir: string): void {
-  writeFileSync(join(dir, 'latest.json'), `${JSON.stringify(r, null, 2)}\n`);
+export function writeReport(r: Results, dir: string, name = 'latest'): void {
+  writeFileSync(join(dir, `${name}.json`), `${JSON.stringify(r, null, 2)}\n`);
   const md = summaryMarkdown(r);
-  writeFileSync(join(dir, 'latest.md'), md);
+  writeFileSync(join(dir, `${name}.md`), md);
   process.stdout.write(`\n${md}\n`);
 }
