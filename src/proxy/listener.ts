@@ -42,13 +42,24 @@ export class ProxyListener {
     this.tls = cfg.tls === 'none' ? undefined : new ListenerTls(cfg);
     this.rt = { cfg, tls: this.tls, plaintextAllowed: plaintextAllowed(cfg), ctx };
     this.server = createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (s) => this.accept(s));
+    const listener = this;
+    this.released = function (this: Socket) {
+      listener.open--;
+      ctx.gate.release(this.remoteAddress ?? 'unknown');
+    };
   }
+
+  /**
+   * One handler per listener, not a closure per socket. The socket's address is still known
+   * at 'close': Node keeps the peer name it looked up when we read remoteAddress at accept.
+   */
+  private readonly released: (this: Socket) => void;
 
   private accept(socket: Socket): void {
     const { ctx, cfg } = this.rt;
     const ip = socket.remoteAddress ?? 'unknown';
     const port = socket.remotePort ?? 0;
-    socket.on('error', () => socket.destroy());
+    socket.on('error', destroyOnError);
     if (this.open >= cfg.max_connections || !ctx.gate.admit(ip)) {
       ctx.counters.rejectedConnections++;
       // For implicit TLS there is no cleartext way to say why: just close. Otherwise say why
@@ -58,10 +69,7 @@ export class ProxyListener {
       return;
     }
     this.open++;
-    socket.once('close', () => {
-      this.open--;
-      ctx.gate.release(ip);
-    });
+    socket.on('close', this.released);
     socket.setKeepAlive(true, 60_000);
     const handler = handlers[cfg.protocol];
     if (!handler) {
@@ -114,4 +122,8 @@ export class ProxyListener {
   close(): Promise<void> {
     return new Promise((resolve) => this.server.close(() => resolve()));
   }
+}
+
+function destroyOnError(this: Socket): void {
+  this.destroy();
 }
