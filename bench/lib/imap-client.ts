@@ -24,8 +24,10 @@ export class ImapClient {
   private failure: Error | undefined;
   closed = false;
 
+  private readonly dataListener = (c: Buffer) => this.onData(c);
+
   private constructor(readonly socket: net.Socket) {
-    socket.on('data', (c: Buffer) => this.onData(c));
+    socket.on('data', this.dataListener);
     socket.on('error', (e) => this.fail(e));
     socket.on('close', () => {
       this.closed = true;
@@ -97,6 +99,15 @@ export class ImapClient {
     const w = this.waiter;
     this.waiter = undefined;
     w?.reject(e);
+  }
+
+  /**
+   * Stops parsing: from now on every chunk goes to `onChunk` as it is. For sessions that only
+   * wait (the failover clients), so that the clients' own work stays small.
+   */
+  raw(onChunk: (c: Buffer) => void): void {
+    this.socket.off('data', this.dataListener);
+    this.socket.on('data', onChunk);
   }
 
   /** The next line that `match` accepts. */

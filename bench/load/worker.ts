@@ -175,12 +175,13 @@ async function hold(job: Job): Promise<void> {
         try {
           const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
           let sawBye = false;
-          c.onLine = (l) => {
-            if (!sawBye && l.startsWith('* BYE')) {
+          // An idle session gets nothing but the BYE: look for it in the raw bytes.
+          c.raw((chunk) => {
+            if (!sawBye && chunk.includes('* BYE')) {
               sawBye = true;
               byeTimes.push(hrMs());
             }
-          };
+          });
           c.onClose = () => {
             clients.delete(c);
             if (!sawBye) closedWithoutBye++;
