@@ -114,7 +114,7 @@ export async function imapBackendLogin(
     const { untagged, tagged } = await untilTagged(reader, 'L');
     if (tagged.startsWith('OK')) {
       const okText = tagged;
-      if (!capabilitiesIn(okText) && !untagged.some((l) => /^\* CAPABILITY /i.test(l))) {
+      if (!/\[CAPABILITY /i.test(okText) && !untagged.some((l) => /^\* CAPABILITY /i.test(l))) {
         // The client must learn what it now talks to: fetch the post-login list for it.
         sock.write('C CAPABILITY\r\n');
         const more = await untilTagged(reader, 'C');
