@@ -8,15 +8,15 @@
 //
 // NODE_OPTIONs are given to the mailsplice process, e.g. --max-semi-space-size=1.
 
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { stringify } from 'yaml';
 import { freePort } from '../../test/harness/ports.js';
 import { startMailsplice } from '../lib/mailsplice.js';
-import { forkTs, killAll, nextMessage, rssBytes, stopChild } from '../lib/procs.js';
+import { killAll, rssBytes, stopChild } from '../lib/procs.js';
 import { hold, type Holder } from '../lib/workers.js';
+import { startFakeWorld } from '../lib/fake-world.js';
 
 const N = Number(process.argv[2] ?? 2000);
 const NODE_ARGS = process.argv.slice(3);
@@ -90,18 +90,7 @@ async function main(): Promise<void> {
   const tmp = mkdtempSync(join(os.tmpdir(), 'mailsplice-heap-'));
   const holders: Holder[] = [];
   try {
-    const fake = forkTs('servers/fake-imap.ts', ['127.0.0.21:0', '600']);
-    const [backend] = await nextMessage(fake, (m) => (m as { addresses?: { host: string; port: number }[] }).addresses, 30_000, 'fake backend');
-    const users = Array.from({ length: 100 }, (_, i) => ({ name: `idle${i}@bench.example`, pass: 'x' }));
-    const routes = join(tmp, 'routes.yaml');
-    writeFileSync(
-      routes,
-      stringify({
-        users: Object.fromEntries(users.map((u) => [u.name, { store: 's' }])),
-        stores: { s: { master: 'f', epoch: 1 } },
-        slots: { f: { host: backend!.host, imap: backend!.port } },
-      }),
-    );
+    const { fake, users, routes } = await startFakeWorld(tmp, 100, 'idle');
     const ms = await startMailsplice({
       dir: tmp,
       name: 'heap',

@@ -17,8 +17,9 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { freePort } from '../../test/harness/ports.js';
-import { spawnTracked, stopChild, forkTs, nextMessage, cpuTimes, killAll, setClockTicks } from '../lib/procs.js';
+import { spawnTracked, stopChild, cpuTimes, killAll, setClockTicks } from '../lib/procs.js';
 import { loadedWorker, runLogins } from '../lib/workers.js';
+import { startFakeWorld } from '../lib/fake-world.js';
 
 const { values } = parseArgs({
   options: {
@@ -34,18 +35,7 @@ setClockTicks(100);
 async function main(): Promise<void> {
   const tmp = mkdtempSync(join(os.tmpdir(), 'mailsplice-logincpu-'));
   try {
-    const fake = forkTs('servers/fake-imap.ts', ['127.0.0.21:0', '600']);
-    const [backend] = await nextMessage(fake, (m) => (m as { addresses?: { host: string; port: number }[] }).addresses, 30_000, 'fake backend');
-    const users = Array.from({ length: 50 }, (_, i) => ({ name: `u${i}@bench.example`, pass: 'x' }));
-    const routes = join(tmp, 'routes.yaml');
-    writeFileSync(
-      routes,
-      stringify({
-        users: Object.fromEntries(users.map((u) => [u.name, { store: 's' }])),
-        stores: { s: { master: 'f', epoch: 1 } },
-        slots: { f: { host: backend!.host, imap: backend!.port } },
-      }),
-    );
+    const { fake, users, routes } = await startFakeWorld(tmp, 50, 'u');
     const nodeArgs = values['node-options']!.split(/\s+/).filter(Boolean);
     const proxies: { cli: string; port: number; pid: number; child: ReturnType<typeof spawnTracked>['child']; rows: { us: number; user: number; sys: number; rate: number }[] }[] = [];
     for (const [i, cli] of values.cli!.entries()) {
