@@ -15,6 +15,14 @@ export class BackendRefused extends Error {
   }
 }
 
+/** The longest line a backend may send during its login dialogue. */
+export const MAX_BACKEND_LINE = 64 * 1024;
+
+/** Any failure of a backend dialogue as a BackendRefused: a dropped connection, a timeout or a line too long is `unavailable`. */
+export function asBackendRefused(e: unknown): BackendRefused {
+  return e instanceof BackendRefused ? e : new BackendRefused('unavailable', `backend dialogue failed: ${(e as Error).message}`);
+}
+
 export interface BackendOptions {
   connectTimeoutMs: number;
   tls: BackendTlsConfig;

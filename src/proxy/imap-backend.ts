@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { BackendRefused, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendRefused, MAX_BACKEND_LINE, startBackendTls } from './backend.js';
 import { capabilitiesIn, encodeAstring, quoted } from './imap-syntax.js';
 import { LineReader } from './lines.js';
 import type { PlainCredentials } from './sasl.js';
@@ -17,8 +17,6 @@ export interface ImapBackendLogin {
   /** Bytes the backend sent past its tagged answer. */
   rest: Buffer;
 }
-
-const MAX_BACKEND_LINE = 64 * 1024;
 
 /** Reads untagged lines until the tagged reply to `tag`; returns both. */
 async function untilTagged(reader: LineReader, tag: string): Promise<{ untagged: string[]; tagged: string }> {
@@ -130,7 +128,6 @@ export async function imapBackendLogin(
   } catch (e) {
     reader.detach();
     sock.destroy();
-    if (e instanceof BackendRefused) throw e;
-    throw new BackendRefused('unavailable', `backend dialogue failed: ${(e as Error).message}`);
+    throw asBackendRefused(e);
   }
 }

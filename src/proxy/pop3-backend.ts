@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { BackendRefused, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendRefused, MAX_BACKEND_LINE, startBackendTls } from './backend.js';
 import type { PlainCredentials } from './sasl.js';
 import { LineReader } from './lines.js';
 
@@ -19,7 +19,6 @@ export interface Pop3BackendLogin {
   rest: Buffer;
 }
 
-const MAX_BACKEND_LINE = 64 * 1024;
 /** A CAPA answer longer than this is not a POP3 server we understand. */
 const MAX_CAPA_LINES = 200;
 /** RFC 5034 section 4: an AUTH command with its initial response must fit in 255 octets. */
@@ -157,7 +156,6 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
   } catch (e) {
     reader.detach();
     sock.destroy();
-    if (e instanceof BackendRefused) throw e;
-    throw new BackendRefused('unavailable', `backend dialogue failed: ${(e as Error).message}`);
+    throw asBackendRefused(e);
   }
 }
