@@ -82,33 +82,43 @@ function noteError(list: string[], e: unknown): void {
   if (list.length < 5) list.push((e as Error).message ?? String(e));
 }
 
+/**
+ * Runs `attempt` for one user after another on `job.concurrency` lanes at once, until
+ * `job.maxCount` attempts have started or `job.maxSeconds` have passed since `t0`: every load
+ * loop here is bounded in count and in time. Lanes take the job's local addresses in turn.
+ */
+async function inLanes(job: Job, t0: number, attempt: (user: Job['users'][number], local: string | undefined) => Promise<void>): Promise<void> {
+  const deadline = t0 + job.maxSeconds * 1000;
+  let started = 0;
+  await Promise.all(
+    Array.from({ length: job.concurrency }, async (_, lane) => {
+      const local = job.localAddresses?.[lane % job.localAddresses.length];
+      while (started < job.maxCount && performance.now() < deadline) {
+        await attempt(job.users[started++ % job.users.length]!, local);
+      }
+    }),
+  );
+}
+
 async function logins(job: Job): Promise<LoginResult> {
   const cpu0 = process.cpuUsage();
-  let started = 0;
   let ok = 0;
   let failed = 0;
   const firstErrors: string[] = [];
   const latencies: number[] = [];
   const t0 = performance.now();
-  const deadline = t0 + job.maxSeconds * 1000;
-  await Promise.all(
-    Array.from({ length: job.concurrency }, async (_, lane) => {
-      const local = job.localAddresses?.[lane % job.localAddresses.length];
-      while (started < job.maxCount && performance.now() < deadline) {
-        const u = job.users[started++ % job.users.length]!;
-        const t = performance.now();
-        try {
-          const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
-          await c.logout(TIMEOUT);
-          ok++;
-          latencies.push(performance.now() - t);
-        } catch (e) {
-          failed++;
-          noteError(firstErrors, e);
-        }
-      }
-    }),
-  );
+  await inLanes(job, t0, async (u, local) => {
+    const t = performance.now();
+    try {
+      const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
+      await c.logout(TIMEOUT);
+      ok++;
+      latencies.push(performance.now() - t);
+    } catch (e) {
+      failed++;
+      noteError(firstErrors, e);
+    }
+  });
   const seconds = (performance.now() - t0) / 1000;
   latencies.sort((a, b) => a - b);
   const r = (x: number) => Math.round(x * 100) / 100;
@@ -162,39 +172,31 @@ async function hold(job: Job): Promise<void> {
   let closedWithoutBye = 0;
   const clients = new Set<ImapClient>();
   const firstErrors: string[] = [];
-  let started = 0;
   let opened = 0;
   let failed = 0;
   const t0 = performance.now();
-  const deadline = t0 + job.maxSeconds * 1000;
-  await Promise.all(
-    Array.from({ length: job.concurrency }, async (_, lane) => {
-      const local = job.localAddresses?.[lane % job.localAddresses.length];
-      while (started < job.maxCount && performance.now() < deadline) {
-        const u = job.users[started++ % job.users.length]!;
-        try {
-          const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
-          let sawBye = false;
-          // An idle session gets nothing but the BYE: look for it in the raw bytes.
-          c.raw((chunk) => {
-            if (!sawBye && chunk.includes('* BYE')) {
-              sawBye = true;
-              byeTimes.push(hrMs());
-            }
-          });
-          c.onClose = () => {
-            clients.delete(c);
-            if (!sawBye) closedWithoutBye++;
-          };
-          clients.add(c);
-          opened++;
-        } catch (e) {
-          failed++;
-          noteError(firstErrors, e);
+  await inLanes(job, t0, async (u, local) => {
+    try {
+      const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
+      let sawBye = false;
+      // An idle session gets nothing but the BYE: look for it in the raw bytes.
+      c.raw((chunk) => {
+        if (!sawBye && chunk.includes('* BYE')) {
+          sawBye = true;
+          byeTimes.push(hrMs());
         }
-      }
-    }),
-  );
+      });
+      c.onClose = () => {
+        clients.delete(c);
+        if (!sawBye) closedWithoutBye++;
+      };
+      clients.add(c);
+      opened++;
+    } catch (e) {
+      failed++;
+      noteError(firstErrors, e);
+    }
+  });
   await send({ type: 'ready', result: { opened, failed, firstErrors, seconds: (performance.now() - t0) / 1000 } });
   await new Promise<void>((resolve) => {
     process.on('message', (m: { type?: string }) => {
