@@ -110,6 +110,9 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; input?: s
     child.once('close', (code) =>
       code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}\n${out}`)),
     );
+    // A command that exits without reading its input (openssl, doveadm) makes the write
+    // fail with EPIPE; its exit code and output already say what happened.
+    child.stdin.on('error', () => undefined);
     child.stdin.end(opts.input ?? '');
   });
 }
