@@ -8,7 +8,17 @@ import { setTimeout as sleep } from 'node:timers/promises';
  * so catch that too. SIGTERM lets Dovecot take its own children down.
  */
 const live = new Set<ChildProcess>();
+/** Daemons that detach from us (Cyrus's master -d): each entry signals its own process. */
+const detached = new Set<() => void>();
 function terminateAll(): void {
+  for (const kill of detached) {
+    try {
+      kill();
+    } catch {
+      /* already gone */
+    }
+  }
+  detached.clear();
   for (const c of live) {
     try {
       c.kill('SIGTERM');
@@ -25,6 +35,16 @@ for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
     // Keep the default "die by this signal" unless someone else handles it.
     if (process.listenerCount(sig) === 0) process.kill(process.pid, sig);
   });
+}
+
+/**
+ * Registers a synchronous "terminate it" for a daemon that is not our child
+ * (it forked into the background), so it does not outlive the test worker
+ * either. Returns the function that unregisters it (call it after a clean stop).
+ */
+export function killOnExit(kill: () => void): () => void {
+  detached.add(kill);
+  return () => detached.delete(kill);
 }
 
 export interface Daemon {
