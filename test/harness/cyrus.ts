@@ -350,8 +350,16 @@ DAEMON {
     }
   };
 
+  /** A pid file left by an earlier run on this dir, if that pid is still this slot's master (not a reused pid). */
+  const ownMasterFromPidFile = async (): Promise<number | undefined> => {
+    const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+    if (!pid) return undefined;
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    return cmdline.split('\0').includes(imapdConf) ? pid : undefined;
+  };
+
   const stop = async (): Promise<void> => {
-    const pid = masterPid ?? Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+    const pid = masterPid ?? (await ownMasterFromPidFile());
     if (!pid) return;
     signal(pid, 'SIGTERM');
     if (!(await waitFor(() => !running(pid), 10_000))) signal(pid, 'SIGKILL');

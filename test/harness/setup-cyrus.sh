@@ -21,8 +21,12 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 
 missing=()
 for p in "${apt_pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+# apt needs package lists (a fresh machine may have none).
+have_lists() { apt-cache show cyrus-common >/dev/null 2>&1; }
+
 if ((${#missing[@]})); then
   echo "setup-cyrus: installing ${missing[*]}"
+  have_lists || apt-get update
   # Refuse anything that would remove a package (Dovecot above all).
   if apt-get -s install --no-install-recommends "${missing[@]}" | grep -q '^Remv '; then
     echo "setup-cyrus: apt would remove packages; refusing:" >&2
@@ -45,20 +49,30 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$version" && -x "$root/usr/lib/cyrus/
   exit 0
 fi
 
-echo "setup-cyrus: unpacking ${unpacked[*]} $version into $root"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # apt-get download writes into the current directory; _apt must be able to write there.
 chown _apt "$work" 2>/dev/null || chmod 777 "$work"
-(cd "$work" && apt-get download "${unpacked[@]/%/=$version}")
+download() { (cd "$work" && apt-get download "${unpacked[@]/%/=$version}"); }
+if ! { have_lists && download; }; then
+  # Old lists, or the mirror no longer has the installed version (a security
+  # update replaced it): refresh, bring cyrus-common to the candidate, retry.
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cyrus-common
+  service cyrus-imapd stop >/dev/null 2>&1 || true
+  version="$(dpkg-query -W -f='${Version}' cyrus-common)"
+  rm -f "$work"/*.deb
+  download
+fi
+echo "setup-cyrus: unpacking ${unpacked[*]} $version into $root"
 rm -rf "$root.new"
-mkdir -p "$root.new"
+mkdir -p -m 755 "$root.new"
 for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$root.new"; done
 printf '%s' "$version" >"$root.new/.version"
 rm -rf "$root"
 mv "$root.new" "$root"
 # The harness runs Cyrus as user cyrus, which must be able to reach the binaries.
-chmod 755 "$(dirname "$root")" "$root"
+chmod 755 "$root"
 for b in imapd pop3d idled sync_client sync_server; do
   [[ -x "$root/usr/lib/cyrus/bin/$b" ]] || { echo "setup-cyrus: $b missing after unpack" >&2; exit 1; }
 done
