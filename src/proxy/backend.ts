@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from 'node:tls';
 import type { BackendTlsConfig, Config } from '../config.js';
+import type { LineReader } from './lines.js';
 
 /** Why a backend login did not happen; the front ends map it to their protocol's words. */
 export class BackendRefused extends Error {
@@ -17,6 +18,39 @@ export class BackendRefused extends Error {
 
 /** The longest line a backend may send during its login dialogue. */
 export const MAX_BACKEND_LINE = 64 * 1024;
+
+/**
+ * How much a backend may send in one login dialogue, in lines and bytes, whatever it sends
+ * them as (untagged lines, CAPA lines, ...). A real server sends a dozen lines; one that
+ * streams more is broken or hostile, and must not grow our memory or hold the login.
+ */
+export const MAX_BACKEND_DIALOGUE_LINES = 1000;
+export const MAX_BACKEND_DIALOGUE_BYTES = 256 * 1024;
+
+/** The backend's side of one login dialogue, read line by line under the limits above. */
+export class BackendLines {
+  private lines = 0;
+  private bytes = 0;
+
+  constructor(public reader: LineReader) {}
+
+  async line(): Promise<string> {
+    const line = await this.reader.line();
+    this.bytes += line.length + 2;
+    if (++this.lines > MAX_BACKEND_DIALOGUE_LINES || this.bytes > MAX_BACKEND_DIALOGUE_BYTES) {
+      throw new BackendRefused('unavailable', `backend sent more than ${MAX_BACKEND_DIALOGUE_LINES} lines or ${MAX_BACKEND_DIALOGUE_BYTES} bytes during login`);
+    }
+    return line;
+  }
+}
+
+/**
+ * A backend's text as a client may see it: printable ASCII only (no escape sequences, no
+ * line breaks), and short.
+ */
+export function printable(text: string, max = 200): string {
+  return text.replace(/[^\x20-\x7e]/g, '?').slice(0, max);
+}
 
 /** Any failure of a backend dialogue as a BackendRefused: a dropped connection, a timeout or a line too long is `unavailable`. */
 export function asBackendRefused(e: unknown): BackendRefused {

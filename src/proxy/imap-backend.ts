@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { asBackendRefused, BackendRefused, MAX_BACKEND_LINE, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
 import { capabilitiesIn, encodeAstring, quoted } from './imap-syntax.js';
 import { LineReader } from './lines.js';
 import type { PlainCredentials } from './sasl.js';
@@ -18,18 +18,31 @@ export interface ImapBackendLogin {
   rest: Buffer;
 }
 
-/** Reads untagged lines until the tagged reply to `tag`; returns both. */
-async function untilTagged(reader: LineReader, tag: string): Promise<{ untagged: string[]; tagged: string }> {
+/**
+ * The status word of a response text (`OK [..] text` -> `OK`), matched exactly and
+ * case-insensitively (RFC 9051 section 9): `OKAY` is no OK.
+ */
+export function imapStatus(text: string): 'OK' | 'NO' | 'BAD' | 'BYE' | 'PREAUTH' | undefined {
+  const m = /^(OK|NO|BAD|BYE|PREAUTH)(?: |$)/i.exec(text);
+  return m ? (m[1]!.toUpperCase() as 'OK' | 'NO' | 'BAD' | 'BYE' | 'PREAUTH') : undefined;
+}
+
+/**
+ * Reads untagged lines until the tagged reply to `tag`; returns both. The lines count
+ * against the dialogue's limits (BackendLines), so a backend streaming untagged lines
+ * fails the login instead of growing this list.
+ */
+async function untilTagged(reader: BackendLines, tag: string): Promise<{ untagged: string[]; tagged: string }> {
   const untagged: string[] = [];
   for (;;) {
     const line = await reader.line();
     if (line.startsWith(`${tag} `)) return { untagged, tagged: line.slice(tag.length + 1) };
-    if (line.startsWith('* BYE')) throw new BackendRefused('unavailable', `backend said ${line}`);
+    if (line.startsWith('* ') && imapStatus(line.slice(2)) === 'BYE') throw new BackendRefused('unavailable', `backend said ${printable(line)}`);
     untagged.push(line);
   }
 }
 
-async function capability(sock: Socket, reader: LineReader): Promise<Set<string>> {
+async function capability(sock: Socket, reader: BackendLines): Promise<Set<string>> {
   sock.write('C CAPABILITY\r\n');
   const { untagged } = await untilTagged(reader, 'C');
   for (const l of untagged) {
@@ -52,20 +65,22 @@ export async function imapBackendLogin(
   opts: { tls: BackendTlsConfig; clientIp: string; clientPort: number; forwardClientIp: boolean },
 ): Promise<ImapBackendLogin> {
   let sock = socket;
-  let reader = new LineReader(sock, MAX_BACKEND_LINE);
+  const reader = new BackendLines(new LineReader(sock, MAX_BACKEND_LINE));
   try {
     const greeting = await reader.line();
-    if (!greeting.startsWith('* OK')) throw new BackendRefused('unavailable', `backend greeted with ${greeting.slice(0, 200)}`);
+    if (!greeting.startsWith('* ') || imapStatus(greeting.slice(2)) !== 'OK') {
+      throw new BackendRefused('unavailable', `backend greeted with ${printable(greeting)}`);
+    }
     let caps = capabilitiesIn(greeting) ?? (await capability(sock, reader));
 
     if (opts.tls.mode === 'starttls') {
       if (!caps.has('STARTTLS')) throw new BackendRefused('unavailable', 'backend does not offer STARTTLS');
       sock.write('S STARTTLS\r\n');
       const { tagged } = await untilTagged(reader, 'S');
-      if (!tagged.startsWith('OK')) throw new BackendRefused('unavailable', `backend STARTTLS: ${tagged}`);
-      reader.detach();
+      if (imapStatus(tagged) !== 'OK') throw new BackendRefused('unavailable', `backend STARTTLS: ${printable(tagged)}`);
+      reader.reader.detach();
       sock = await startBackendTls(sock, host, opts.tls);
-      reader = new LineReader(sock, MAX_BACKEND_LINE);
+      reader.reader = new LineReader(sock, MAX_BACKEND_LINE);
       caps = await capability(sock, reader); // RFC 9051 6.2.1: capabilities may change after TLS
     }
 
@@ -83,7 +98,7 @@ export async function imapBackendLogin(
       if (out.includes('I ID')) await untilTagged(reader, 'I');
       if (!plainIr) {
         const cont = await reader.line();
-        if (!cont.startsWith('+')) throw new BackendRefused('unavailable', `backend AUTHENTICATE: ${cont}`);
+        if (!cont.startsWith('+')) throw new BackendRefused('unavailable', `backend AUTHENTICATE: ${printable(cont)}`);
         sock.write(`${msg.toString('base64')}\r\n`);
       }
     } else {
@@ -101,7 +116,7 @@ export async function imapBackendLogin(
         sock.write(`${line}\r\n`);
         if (!literalPlus) {
           const cont = await reader.line();
-          if (!cont.startsWith('+')) throw new BackendRefused('unavailable', `backend refused literal: ${cont}`);
+          if (!cont.startsWith('+')) throw new BackendRefused('unavailable', `backend refused literal: ${printable(cont)}`);
         }
         sock.write(arg.literal);
         line = '';
@@ -110,7 +125,8 @@ export async function imapBackendLogin(
     }
 
     const { untagged, tagged } = await untilTagged(reader, 'L');
-    if (tagged.startsWith('OK')) {
+    const status = imapStatus(tagged);
+    if (status === 'OK') {
       const okText = tagged;
       if (!/\[CAPABILITY /i.test(okText) && !untagged.some((l) => /^\* CAPABILITY /i.test(l))) {
         // The client must learn what it now talks to: fetch the post-login list for it.
@@ -118,15 +134,15 @@ export async function imapBackendLogin(
         const more = await untilTagged(reader, 'C');
         untagged.push(...more.untagged.filter((l) => /^\* CAPABILITY /i.test(l)));
       }
-      return { socket: sock, untagged, okText, rest: reader.detach() };
+      return { socket: sock, untagged, okText, rest: reader.reader.detach() };
     }
-    if (tagged.startsWith('NO')) {
-      const temporary = /\[(UNAVAILABLE|SERVERBUG|INUSE|LIMIT|CONTACTADMIN|EXPIRED)\]/i.test(tagged);
-      throw new BackendRefused(temporary ? 'unavailable' : 'auth', `backend said NO: ${tagged.slice(0, 200)}`);
+    if (status === 'NO') {
+      const temporary = /^NO \[(UNAVAILABLE|SERVERBUG|INUSE|LIMIT|CONTACTADMIN|EXPIRED)[\] ]/i.test(tagged);
+      throw new BackendRefused(temporary ? 'unavailable' : 'auth', `backend said ${printable(tagged)}`);
     }
-    throw new BackendRefused('unavailable', `backend login: ${tagged.slice(0, 200)}`);
+    throw new BackendRefused('unavailable', `backend login: ${printable(tagged)}`);
   } catch (e) {
-    reader.detach();
+    reader.reader.detach();
     sock.destroy();
     throw asBackendRefused(e);
   }

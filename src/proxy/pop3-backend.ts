@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { asBackendRefused, BackendRefused, MAX_BACKEND_LINE, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
 import type { PlainCredentials } from './sasl.js';
 import { LineReader } from './lines.js';
 
@@ -25,17 +25,25 @@ const MAX_CAPA_LINES = 200;
 const MAX_AUTH_LINE = 255;
 
 /** Reads a CAPA answer (RFC 2449); an empty set when the backend does not know CAPA. */
-async function capa(sock: Socket, reader: LineReader): Promise<Set<string>> {
+async function capa(sock: Socket, reader: BackendLines): Promise<Set<string>> {
   sock.write('CAPA\r\n');
   const first = await reader.line();
   const caps = new Set<string>();
-  if (!first.startsWith('+OK')) return caps;
+  if (!isOk(first)) return caps;
   for (let i = 0; ; i++) {
     const line = await reader.line();
     if (line === '.') return caps;
     if (i >= MAX_CAPA_LINES) throw new BackendRefused('unavailable', 'backend CAPA answer too long');
     caps.add(line.trim().toUpperCase());
   }
+}
+
+/** RFC 1939 status indicators, matched exactly: `+OKAY` is neither. */
+export function isOk(line: string): boolean {
+  return /^\+OK(?: |$)/.test(line);
+}
+export function isErr(line: string): boolean {
+  return /^-ERR(?: |$)/.test(line);
 }
 
 function saslPlain(caps: Set<string>): boolean {
@@ -47,10 +55,10 @@ function saslPlain(caps: Set<string>): boolean {
 export class Pop3Refused extends BackendRefused {
   constructor(
     kind: BackendRefused['kind'],
-    /** The backend's -ERR line. */
+    /** The backend's -ERR line, printable ASCII only: a client may be shown it. */
     readonly line: string,
   ) {
-    super(kind, `backend said ${line.slice(0, 200)}`);
+    super(kind, `backend said ${line}`);
   }
 }
 
@@ -59,7 +67,8 @@ export class Pop3Refused extends BackendRefused {
  * busy, the server is in trouble, or the credentials are wrong. A bare -ERR is taken as
  * the last, as RFC 3206 tells clients of servers without response codes to do.
  */
-export function classifyErr(line: string): Pop3Refused {
+export function classifyErr(raw: string): Pop3Refused {
+  const line = printable(raw);
   const code = /^-ERR \[([^\]]+)\]/i.exec(line)?.[1]?.toUpperCase() ?? '';
   if (code === 'IN-USE' || code === 'LOGIN-DELAY') return new Pop3Refused('in-use', line);
   if (code.startsWith('SYS/')) return new Pop3Refused('unavailable', line);
@@ -87,10 +96,10 @@ export interface Pop3BackendOptions {
 
 export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3Credentials, opts: Pop3BackendOptions): Promise<Pop3BackendLogin> {
   let sock = socket;
-  let reader = new LineReader(sock, MAX_BACKEND_LINE);
+  const reader = new BackendLines(new LineReader(sock, MAX_BACKEND_LINE));
   try {
     const greeting = await reader.line();
-    if (!greeting.startsWith('+OK')) throw new BackendRefused('unavailable', `backend greeted with ${greeting.slice(0, 200)}`);
+    if (!isOk(greeting)) throw new BackendRefused('unavailable', `backend greeted with ${printable(greeting)}`);
     let caps = await capa(sock, reader);
 
     if (opts.tls.mode === 'starttls') {
@@ -98,10 +107,10 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       if (caps.size > 0 && !caps.has('STLS')) throw new BackendRefused('unavailable', 'backend does not offer STLS');
       sock.write('STLS\r\n');
       const answer = await reader.line();
-      if (!answer.startsWith('+OK')) throw new BackendRefused('unavailable', `backend STLS: ${answer.slice(0, 200)}`);
-      reader.detach();
+      if (!isOk(answer)) throw new BackendRefused('unavailable', `backend STLS: ${printable(answer)}`);
+      reader.reader.detach();
       sock = await startBackendTls(sock, host, opts.tls);
-      reader = new LineReader(sock, MAX_BACKEND_LINE);
+      reader.reader = new LineReader(sock, MAX_BACKEND_LINE);
       caps = await capa(sock, reader); // RFC 2595 section 4: what was said in clear is forgotten
     }
 
@@ -136,25 +145,25 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       // USER/PASS put the values on a command line: a CR or LF in them (possible from an
       // AUTH PLAIN client) would start a second command on the backend.
       if (!lineSafe(creds.authcid) || !lineSafe(creds.password)) throw new BackendRefused('auth', 'credentials not representable with USER/PASS');
-      sock.write(`USER ${creds.authcid.toString('utf8')}\r\n`);
+      sock.write(Buffer.concat([Buffer.from('USER '), creds.authcid, Buffer.from('\r\n')]));
       const user = await reader.line();
-      if (!user.startsWith('+OK')) {
+      if (!isOk(user)) {
         // No password was checked yet, so this is not the client's fault: typically the
         // backend wants TLS first (Dovecot answers "-ERR [AUTH] Plaintext authentication
         // disallowed" here). Busy codes still mean busy.
         const refused = classifyErr(user);
         if (refused.kind === 'in-use') throw refused;
         const hint = caps.has('STLS') && opts.tls.mode === 'none' ? ' (the backend offers STLS: does it need backend TLS?)' : '';
-        throw new Pop3Refused('unavailable', `${user}${hint}`);
+        throw new Pop3Refused('unavailable', `${printable(user)}${hint}`);
       }
       sock.write(Buffer.concat([Buffer.from('PASS '), creds.password, Buffer.from('\r\n')]));
       answer = await reader.line();
     }
-    if (answer.startsWith('+OK')) return { socket: sock, okLine: answer, rest: reader.detach() };
-    if (answer.startsWith('-ERR')) throw classifyErr(answer);
-    throw new BackendRefused('unavailable', `backend login: ${answer.slice(0, 200)}`);
+    if (isOk(answer)) return { socket: sock, okLine: answer, rest: reader.reader.detach() };
+    if (isErr(answer)) throw classifyErr(answer);
+    throw new BackendRefused('unavailable', `backend login: ${printable(answer)}`);
   } catch (e) {
-    reader.detach();
+    reader.reader.detach();
     sock.destroy();
     throw asBackendRefused(e);
   }
