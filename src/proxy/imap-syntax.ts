@@ -1,6 +1,9 @@
 // The few bits of IMAP syntax the proxy needs before login (RFC 9051 section 9): astrings
 // (atoms, quoted strings with \" and \\ escapes, literals), parenthesised lists for ID, and
 // the literal marker at the end of a line. Nothing after login is parsed.
+//
+// Command lines are handled as latin1 strings, one character per byte: a password that is
+// not UTF-8 (latin-1 from an old client) must reach the backend byte for byte.
 
 export type Token =
   | { kind: 'atom'; text: string }
@@ -9,6 +12,22 @@ export type Token =
   | { kind: 'close' };
 
 export class ImapSyntaxError extends Error {}
+
+/**
+ * RFC 9051 tag: 1*<any ASTRING-CHAR except "+">, i.e. printable ASCII without the atom
+ * specials. Anything else (control characters above all) is never echoed to the client.
+ */
+const TAG = /^[^\x00-\x20\x7f-\uffff(){%*"\\+]+$/;
+
+export function validTag(tag: string): boolean {
+  return TAG.test(tag);
+}
+
+/** The tag to answer a line with: its first word when that is a valid tag, else `*`. */
+export function replyTag(line: string): string {
+  const word = line.split(' ', 1)[0]!;
+  return validTag(word) ? word : '*';
+}
 
 /** `{123}` or `{123+}` at the end of a line: a literal of that size follows. */
 export function literalAtEnd(line: string): { size: number; nonSync: boolean; prefix: string } | undefined {
@@ -42,6 +61,8 @@ export function tokenize(segments: readonly string[], literals: readonly Buffer[
           if (i >= s.length) throw new ImapSyntaxError('unterminated quoted string');
           const d = s[i]!;
           if (d === '"') break;
+          // RFC 9051 QUOTED-CHAR: no CR, LF or NUL; 8-bit bytes pass (see the top of the file).
+          if (d === '\r' || d === '\n' || d === '\0') throw new ImapSyntaxError('bad character in quoted string');
           if (d === '\\') {
             const e = s[i + 1];
             if (e !== '"' && e !== '\\') throw new ImapSyntaxError('bad escape in quoted string');
@@ -53,11 +74,12 @@ export function tokenize(segments: readonly string[], literals: readonly Buffer[
           }
         }
         i++;
-        out.push({ kind: 'string', data: Buffer.from(text, 'utf8') });
+        out.push({ kind: 'string', data: Buffer.from(text, 'latin1') });
       } else {
         const start = i;
         while (i < s.length && s[i] !== ' ' && s[i] !== '(' && s[i] !== ')') {
-          if (s[i] === '"' || s[i] === '{' || s[i] === '\\') throw new ImapSyntaxError('bad character in atom');
+          const code = s.charCodeAt(i);
+          if (s[i] === '"' || s[i] === '{' || s[i] === '\\' || code < 0x20 || code === 0x7f) throw new ImapSyntaxError('bad character in atom');
           i++;
         }
         out.push({ kind: 'atom', text: s.slice(start, i) });
@@ -72,7 +94,7 @@ export function tokenize(segments: readonly string[], literals: readonly Buffer[
 /** An astring argument (atom or string) as bytes; undefined if the token is not one. */
 export function astring(t: Token | undefined): Buffer | undefined {
   if (!t) return undefined;
-  if (t.kind === 'atom') return t.text.toUpperCase() === 'NIL' ? undefined : Buffer.from(t.text, 'utf8');
+  if (t.kind === 'atom') return t.text.toUpperCase() === 'NIL' ? undefined : Buffer.from(t.text, 'latin1');
   if (t.kind === 'string') return t.data;
   return undefined;
 }

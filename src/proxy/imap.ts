@@ -1,7 +1,8 @@
 import type { Socket } from 'node:net';
 import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
 import { decodePlain } from './sasl.js';
-import { astring, ImapSyntaxError, literalAtEnd, tokenize, type Token } from './imap-syntax.js';
+import { readImapCommand, type ImapCommand } from './imap-command.js';
+import { astring, type Token } from './imap-syntax.js';
 import { LineTooLong } from './lines.js';
 import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
 
@@ -9,11 +10,7 @@ import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js'
 // STARTTLS, LOGIN, AUTHENTICATE PLAIN. Everything else before login is BAD. After a
 // successful backend login the connection is spliced and this object is dropped.
 
-interface Command {
-  tag: string;
-  name: string;
-  args: Token[];
-}
+type Command = ImapCommand;
 
 class StopDialogue extends Error {}
 
@@ -50,57 +47,21 @@ export class ImapPreauth extends PreauthConnection {
 
   /** Reads one command with its literals; undefined after answering a syntax error. */
   private async readCommand(): Promise<Command | undefined> {
-    const { limits } = this.ctx;
-    const segments: string[] = [];
-    const literals: Buffer[] = [];
-    for (;;) {
-      const line = await this.reader.line();
-      const lit = literalAtEnd(line);
-      if (!lit) {
-        segments.push(line);
-        break;
-      }
-      const tag = (segments[0] ?? line).split(' ', 1)[0] || '*';
-      if (lit.size > limits.literal_size || literals.length >= 4) {
-        // A synchronising literal is refused before the client sends it; a LITERAL+ one is
-        // already on its way and cannot be skipped safely, so that connection ends.
-        if (lit.nonSync) {
-          this.close(`${tag} BAD [LIMIT] Literal too large\r\n* BYE [LIMIT] Literal too large\r\n`);
-          throw new StopDialogue();
-        }
-        this.write(`${tag} BAD [LIMIT] Literal too large\r\n`);
-        this.bad();
-        return undefined;
-      }
-      segments.push(lit.prefix);
-      if (!lit.nonSync) this.write('+ Ready for literal data\r\n');
-      literals.push(await this.reader.bytes(lit.size));
+    const read = await readImapCommand({ reader: this.reader, write: (s) => this.write(s), literalSize: this.ctx.limits.literal_size });
+    if (read.kind === 'fatal') {
+      this.close(read.reply);
+      throw new StopDialogue();
     }
     if (!this.countCommand()) {
       this.close('* BYE [LIMIT] Too many commands before login\r\n');
       throw new StopDialogue();
     }
-    let tokens: Token[];
-    try {
-      tokens = tokenize(segments, literals);
-    } catch (e) {
-      const tag = segments[0]!.split(' ', 1)[0] || '*';
-      this.write(`${/^[^\s(){%*"\\\]+]+$/.test(tag) ? tag : '*'} BAD ${(e as ImapSyntaxError).message}\r\n`);
+    if (read.kind === 'bad') {
+      this.write(read.reply);
       this.bad();
       return undefined;
     }
-    const [tag, name] = tokens;
-    if (tag?.kind !== 'atom' || !/^[^\s(){%*"\\\]+]+$/.test(tag.text)) {
-      this.write('* BAD Missing or invalid tag\r\n');
-      this.bad();
-      return undefined;
-    }
-    if (name?.kind !== 'atom') {
-      this.write(`${tag.text} BAD Missing command\r\n`);
-      this.bad();
-      return undefined;
-    }
-    return { tag: tag.text, name: name.text.toUpperCase(), args: tokens.slice(2) };
+    return read.command;
   }
 
   /** Counts a bad command and ends the connection past the limit. */

@@ -36,9 +36,12 @@ export class LineReader {
   private readonly onEnd = (): void => this.fail(new ConnectionClosed('connection closed'));
   private readonly onError = (e: Error): void => this.fail(e);
 
-  /** The next line, without its line ending, decoded as UTF-8. */
-  async line(): Promise<string> {
-    return (await this.request('line')).toString('utf8');
+  /**
+   * The next line, without its line ending, decoded as UTF-8; `latin1` gives one character
+   * per byte, so that credentials that are not UTF-8 reach the backend unchanged.
+   */
+  async line(encoding: 'utf8' | 'latin1' = 'utf8'): Promise<string> {
+    return (await this.request('line')).toString(encoding);
   }
 
   /** Exactly `n` bytes (an IMAP literal). The caller has checked `n` against its limit. */

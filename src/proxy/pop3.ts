@@ -14,6 +14,16 @@ class StopDialogue extends Error {}
 /** RFC 2595 / Dovecot wording; [AUTH] because it concerns how the client authenticates. */
 const PLAINTEXT_REFUSED = '-ERR [AUTH] Plaintext authentication disallowed on non-secure connections, use STLS first\r\n';
 
+/**
+ * A command line (latin1, one char per byte) as keyword and argument. RFC 1939 separates
+ * them by one space; USER and PASS take the rest of the line as is (a password may contain
+ * spaces). The keyword is upper-cased; it is only compared, never echoed.
+ */
+export function parsePop3Command(line: string): { name: string; arg: string } {
+  const sp = line.indexOf(' ');
+  return { name: (sp < 0 ? line : line.slice(0, sp)).toUpperCase(), arg: sp < 0 ? '' : line.slice(sp + 1) };
+}
+
 export class Pop3Preauth extends PreauthConnection {
   /** The name from USER, waiting for PASS (RFC 1939: USER then PASS, nothing between). */
   private user: string | undefined;
@@ -39,7 +49,8 @@ export class Pop3Preauth extends PreauthConnection {
     this.write('+OK mailsplice ready\r\n');
     try {
       for (;;) {
-        const line = await this.reader.line();
+        // latin1: one char per byte, so a password that is not UTF-8 reaches the backend intact.
+        const line = await this.reader.line('latin1');
         if (!this.countCommand()) {
           this.close('-ERR Too many commands before login\r\n');
           return;
@@ -57,11 +68,7 @@ export class Pop3Preauth extends PreauthConnection {
 
   /** Runs one command line; true once the connection was handed over or closed. */
   private async execute(line: string): Promise<boolean> {
-    const sp = line.indexOf(' ');
-    const name = (sp < 0 ? line : line.slice(0, sp)).toUpperCase();
-    // RFC 1939 separates the keyword from its argument by one space; USER and PASS take the
-    // rest of the line as is (a password may contain spaces).
-    const arg = sp < 0 ? '' : line.slice(sp + 1);
+    const { name, arg } = parsePop3Command(line);
     switch (name) {
       case 'CAPA':
         this.write(`+OK Capability list follows\r\n${this.capabilities().join('\r\n')}\r\n.\r\n`);
@@ -150,7 +157,7 @@ export class Pop3Preauth extends PreauthConnection {
       this.fail('-ERR PASS needs a password');
       return false;
     }
-    return this.login({ authcid: Buffer.from(user, 'utf8'), password: Buffer.from(arg, 'utf8') });
+    return this.login({ authcid: Buffer.from(user, 'latin1'), password: Buffer.from(arg, 'latin1') });
   }
 
   /** RFC 5034 AUTH; a bare AUTH lists the mechanisms, as many clients expect (RFC 1734 style). */
