@@ -73,11 +73,37 @@ function atIndex(address: string): number {
   return at;
 }
 
+// RFC 5321 section 4.1.2: Local-part = Dot-string / Quoted-string; Domain = sub-domain
+// *("." sub-domain) / address-literal. "_" is let through in domains: some hosts have one.
+const DOT_STRING = /^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*$/;
+const QUOTED_STRING = /^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$/;
+const DOMAIN = /^[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*$/;
+const ADDRESS_LITERAL = /^\[[\x21-\x5a\x5e-\x7e]+\]$/;
+
+/**
+ * A recipient in one canonical spelling, or undefined when it is not a mailbox RFC 5321
+ * allows (or the bare "postmaster", section 4.5.1). A quoted local part whose quotes are not
+ * needed loses them (`"alice"@x` is `alice@x`, section 4.1.2: they are the same mailbox);
+ * one that needs them keeps them with minimal escapes. Since every unquoted local part is
+ * a Dot-string, a +detail taken from it holds no "@", quote or space, and backends accept it.
+ */
+export function canonicalRecipient(address: string): string | undefined {
+  if (address.toLowerCase() === 'postmaster') return address;
+  const at = atIndex(address);
+  if (at <= 0) return undefined;
+  const local = address.slice(0, at);
+  const domain = address.slice(at + 1);
+  if (!DOMAIN.test(domain) && !ADDRESS_LITERAL.test(domain)) return undefined;
+  if (DOT_STRING.test(local)) return address;
+  if (!QUOTED_STRING.test(local)) return undefined;
+  const unquoted = local.slice(1, -1).replace(/\\(.)/g, '$1');
+  if (DOT_STRING.test(unquoted)) return `${unquoted}@${domain}`;
+  return `"${unquoted.replace(/[\\"]/g, (c) => `\\${c}`)}"@${domain}`;
+}
+
 /** A recipient must be local@domain, or the bare "postmaster" (RFC 5321 section 4.5.1). */
 export function validRecipient(address: string): boolean {
-  if (address.toLowerCase() === 'postmaster') return true;
-  const at = atIndex(address);
-  return at > 0 && at < address.length - 1 && !address.slice(at + 1).includes('"');
+  return canonicalRecipient(address) !== undefined;
 }
 
 /**

@@ -2,7 +2,7 @@ import type { Socket } from 'node:net';
 import type { Config } from '../config.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import type { LoginResult, ProxyContext } from '../proxy/core.js';
-import { parsePathArgument, splitDetail, validRecipient } from './address.js';
+import { canonicalRecipient, parsePathArgument, splitDetail } from './address.js';
 import { Delivery, lookupFailureReply, type Recipient } from './delivery.js';
 import { DotDecoder } from './dot.js';
 import type { LmtpTotals, RcptResult } from './metrics.js';
@@ -337,7 +337,8 @@ export class LmtpSession {
     const tx = this.tx;
     if (!tx) return BAD_SEQUENCE('Need MAIL command');
     const p = parsePathArgument(arg, 'TO');
-    if (typeof p === 'string' || !validRecipient(p.address)) {
+    const canonical = typeof p === 'string' ? undefined : this.recipient(p.address);
+    if (typeof p === 'string' || canonical === undefined) {
       this.count('refused');
       return reply(501, '5.1.3', `Bad recipient address syntax${typeof p === 'string' ? `: ${p}` : ''}`);
     }
@@ -349,7 +350,7 @@ export class LmtpSession {
       this.count('refused');
       return reply(452, '4.5.3', 'Too many recipients');
     }
-    const address = p.address;
+    const address = canonical;
     let found: { route: Route; login: string; detail?: string };
     try {
       found = await this.lookup(address);
@@ -374,6 +375,19 @@ export class LmtpSession {
     tx.accepted.push({ unique });
     this.count('accepted');
     return reply(250, '2.1.5', `<${address}> Recipient OK`);
+  }
+
+  /**
+   * The recipient in canonical form (see canonicalRecipient), or undefined when it is not a
+   * mailbox. A bare name gets lookup.default_domain when one is set, as logins do (README,
+   * "Logins: the normal form"); without one it stays a syntax error.
+   */
+  private recipient(address: string): string | undefined {
+    if (!address.includes('@') && address.toLowerCase() !== 'postmaster') {
+      const qualified = this.ctx.router.normalize(address);
+      return qualified.includes('@') && address !== '' ? canonicalRecipient(qualified) : undefined;
+    }
+    return canonicalRecipient(address);
   }
 
   /**
