@@ -75,7 +75,10 @@ const schema = z.strictObject({
     }),
   limits: z
     .strictObject({
-      line_length: z.number().int().min(512).default(8192),
+      // 64 KiB: the longest RFC-legal pre-auth command, an RFC 2971 ID of 30 fields with
+      // 1024-octet values all quoted with escapes, is about 63 KB. A socket read hands over
+      // up to 64 KiB at once anyway, so this costs no more memory per connection than 8 KiB.
+      line_length: z.number().int().min(512).default(65536),
       literal_size: z.number().int().min(256).default(8192),
       bad_commands: z.number().int().positive().default(10),
       preauth_commands: z.number().int().positive().default(50),

@@ -25,7 +25,7 @@ describe('config', () => {
   it('fills defaults and makes paths relative to the file', () => {
     const cfg = loadConfig(file('min.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: routes.yaml }\n'));
     expect(cfg.lookup.file).toBe(join(dir, 'routes.yaml'));
-    expect(cfg.limits.line_length).toBe(8192);
+    expect(cfg.limits.line_length).toBe(65536);
     expect(plaintextAllowed(cfg.listeners[0]!)).toBe(true);
   });
 
