@@ -9,6 +9,8 @@ import { spawnDaemon, waitUntil, type Daemon } from './proc.js';
 export interface SlotUser {
   name: string;
   password: string;
+  /** The password as raw bytes when it is not UTF-8 (e.g. latin-1); overrides `password` in the passwd-file. */
+  passwordBytes?: Buffer;
 }
 
 export interface DovecotSlotOptions {
@@ -93,7 +95,9 @@ export async function startDovecotSlot(opts: DovecotSlotOptions): Promise<Doveco
   const { id, host, users } = opts;
   if (!/^[A-Za-z0-9_-]+$/.test(id)) throw new Error(`slot id must be [A-Za-z0-9_-]+: ${id}`);
   for (const u of users) {
-    if (/[:\s/]/.test(u.name) || /[:\s]/.test(u.password)) throw new Error(`unsupported user/password: ${u.name}`);
+    if (/[:\s/]/.test(u.name) || /[:\s]/.test(u.password) || /[:\s]/.test(u.passwordBytes?.toString('latin1') ?? '')) {
+      throw new Error(`unsupported user/password: ${u.name}`);
+    }
   }
   const owner = await mailOwner();
   const dir = opts.dir ?? (await mkdtemp(path.join(os.tmpdir(), `mailsplice-${id}-`)));
@@ -121,7 +125,16 @@ export async function startDovecotSlot(opts: DovecotSlotOptions): Promise<Doveco
   // passdb and userdb, so LMTP rejects unknown recipients with 550.
   await writeFile(
     passwdFile,
-    users.map((u) => `${u.name}:{PLAIN}${u.password}:${owner.uid}:${owner.gid}::${home(u.name)}::\n`).join(''),
+    // Bytes, not a string: a passwordBytes that is not UTF-8 must reach Dovecot unchanged.
+    Buffer.concat(
+      users.map((u) =>
+        Buffer.concat([
+          Buffer.from(`${u.name}:{PLAIN}`),
+          u.passwordBytes ?? Buffer.from(u.password),
+          Buffer.from(`:${owner.uid}:${owner.gid}::${home(u.name)}::\n`),
+        ]),
+      ),
+    ),
     { mode: 0o644 },
   );
 
