@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
 import { decodePlain } from './sasl.js';
-import { readImapCommand, type ImapCommand } from './imap-command.js';
+import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
 import { LineTooLong } from './lines.js';
 import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
@@ -16,7 +16,7 @@ class StopDialogue extends Error {}
 
 const SERVER_ID = '* ID ("name" "mailsplice")\r\n';
 
-export class ImapPreauth extends PreauthConnection {
+export class ImapPreauth extends PreauthConnection implements CommandSource {
   constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
     super(rt, socket, ip, port);
   }
@@ -45,9 +45,14 @@ export class ImapPreauth extends PreauthConnection {
     }
   }
 
+  /** For readImapCommand, which reads from `this` (a CommandSource) with no object per command. */
+  get literalSize(): number {
+    return this.ctx.limits.literal_size;
+  }
+
   /** Reads one command with its literals; undefined after answering a syntax error. */
   private async readCommand(): Promise<Command | undefined> {
-    const read = await readImapCommand({ reader: this.reader, write: (s) => this.write(s), literalSize: this.ctx.limits.literal_size });
+    const read = await readImapCommand(this);
     if (read.kind === 'fatal') {
       this.close(read.reply);
       throw new StopDialogue();
