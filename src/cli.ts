@@ -1,18 +1,64 @@
 #!/usr/bin/env node
+import { readFileSync } from 'node:fs';
+import { request } from 'node:http';
 import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig } from './config.js';
+import { ConfigError, loadConfig, type Config } from './config.js';
 import { createLogger } from './log.js';
+import { preflight, readAdminToken } from './preflight.js';
 
 const USAGE = `usage:
   mailsplice serve --config FILE         run the proxy
-  mailsplice check-config --config FILE  validate a config file and exit
-  mailsplice ctl ...                     change routes (mailsplice ctl --help)`;
+  mailsplice check-config --config FILE  validate a config file (and the files it names) and exit
+  mailsplice healthcheck --config FILE   exit 0 if the running proxy's /healthz answers 200
+  mailsplice ctl ...                     change routes (mailsplice ctl --help)
+  mailsplice --version`;
+
+const HELP: Record<string, string> = {
+  serve: `usage: mailsplice serve --config FILE
+  Runs the proxy. SIGHUP re-reads certificates and the routes file; SIGTERM stops it
+  (connections before login are told at once, sessions get BYE). Refuses to start, with
+  exit code 78, on anything check-config reports as an error.`,
+  'check-config': `usage: mailsplice check-config --config FILE
+  Validates the config: every key, certificates and keys (readable, valid, matching),
+  addresses used twice, the Redis URL, the admin token file. Unsafe but legal settings are
+  printed as warnings. Exit code 0 if serve would accept it, 78 if not.`,
+  healthcheck: `usage: mailsplice healthcheck --config FILE
+  Asks the admin listener of the proxy running with this config for /healthz (with the
+  admin token, if any). Exit code 0 on 200, 1 otherwise. For container HEALTHCHECKs.`,
+};
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+/** Parses `--config FILE` (and --help) for a subcommand; undefined when help was printed. */
+function configArg(command: string, argv: string[]): string | undefined {
+  const { values } = parseArgs({ args: argv, options: { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } } });
+  if (values.help) {
+    process.stdout.write(`${HELP[command]}\n`);
+    return undefined;
+  }
+  if (!values.config) throw new ConfigError(`${command} needs --config FILE\n${HELP[command]}`);
+  return values.config;
+}
+
+/** Loads the config and checks the files it names; warnings go to `warn`. */
+function loadChecked(file: string, warn: (w: string) => void): Config {
+  const cfg = loadConfig(file);
+  const { errors, warnings } = preflight(cfg);
+  if (errors.length) throw new ConfigError(`invalid config ${file}:\n${errors.map((e) => `  ${e}`).join('\n')}`);
+  for (const w of warnings) warn(w);
+  return cfg;
+}
 
 async function serve(argv: string[]): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: { config: { type: 'string', short: 'c' } } });
-  if (!values.config) throw new ConfigError(`serve needs --config FILE\n${USAGE}`);
-  const cfg = loadConfig(values.config);
+  const file = configArg('serve', argv);
+  if (file === undefined) return;
+  const warnings: string[] = [];
+  const cfg = loadChecked(file, (w) => warnings.push(w));
   const log = createLogger(cfg.log.level);
+  for (const w of warnings) log.warn('unsafe setting', { setting: w });
   // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
   const { startServer } = await import('./server.js');
   const server = await startServer(cfg, log);
@@ -29,7 +75,27 @@ async function serve(argv: string[]): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  log.info('mailsplice started', { config: values.config, lookup: cfg.lookup.redis ? 'redis' : 'file' });
+  log.info('mailsplice started', { config: file, version: version(), lookup: cfg.lookup.redis ? 'redis' : 'file' });
+}
+
+async function healthcheck(argv: string[]): Promise<void> {
+  const file = configArg('healthcheck', argv);
+  if (file === undefined) return;
+  const { admin } = loadConfig(file);
+  if (!admin) throw new ConfigError(`${file}: healthcheck needs an admin listener (admin.port)`);
+  const host = admin.address === '0.0.0.0' ? '127.0.0.1' : admin.address === '::' ? '::1' : admin.address;
+  const headers: Record<string, string> = admin.token_file ? { authorization: `Bearer ${readAdminToken(admin.token_file)}` } : {};
+  const status = await new Promise<number>((resolve, reject) => {
+    const req = request({ host, port: admin.port, path: '/healthz', headers, timeout: 5000 }, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on('timeout', () => req.destroy(new Error('no answer in 5 s')));
+    req.on('error', reject);
+    req.end();
+  });
+  process.stdout.write(`healthz: ${status}\n`);
+  process.exitCode = status === 200 ? 0 : 1;
 }
 
 async function main(): Promise<void> {
@@ -38,20 +104,29 @@ async function main(): Promise<void> {
     case 'serve':
       return serve(rest);
     case 'check-config': {
-      const { values } = parseArgs({ args: rest, options: { config: { type: 'string', short: 'c' } } });
-      if (!values.config) throw new ConfigError(`check-config needs --config FILE`);
-      loadConfig(values.config);
-      process.stdout.write(`${values.config}: ok\n`);
+      const file = configArg('check-config', rest);
+      if (file === undefined) return;
+      loadChecked(file, (w) => process.stderr.write(`warning: ${w}\n`));
+      process.stdout.write(`${file}: ok\n`);
       return;
     }
+    case 'healthcheck':
+      return healthcheck(rest);
     case 'ctl': {
       const { runCtl } = await import('./ctl.js');
       process.exitCode = await runCtl(rest);
       return;
     }
-    default:
-      process.stderr.write(`${USAGE}\n`);
-      process.exitCode = command === undefined || command === '--help' || command === 'help' ? 0 : 2;
+    case '--version':
+    case '-V':
+    case 'version':
+      process.stdout.write(`mailsplice ${version()}\n`);
+      return;
+    default: {
+      const help = command === undefined || command === '--help' || command === '-h' || command === 'help';
+      (help ? process.stdout : process.stderr).write(`${USAGE}\n`);
+      process.exitCode = help ? 0 : 2;
+    }
   }
 }
 

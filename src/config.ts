@@ -25,14 +25,28 @@ const listener = z
     /** Extra certificates chosen by the name the client asks for (SNI). */
     sni: z.record(z.string(), certPair).optional(),
     min_tls_version: z.enum(['TLSv1.2', 'TLSv1.3']).default('TLSv1.2'),
-    /** Allow LOGIN / USER+PASS / AUTH PLAIN before TLS. Defaults to true only where there is no TLS at all. */
+    /**
+     * Allow LOGIN / USER+PASS / AUTH PLAIN before TLS. Defaults to true only on a `tls: none`
+     * listener on a loopback address (like Dovecot's default): elsewhere passwords would cross
+     * the network in clear.
+     */
     plaintext_auth: z.boolean().optional(),
     max_connections: z.number().int().positive().default(20000),
+    /** LMTP unix socket: permissions (an octal string, quoted in YAML), owner and group (name or number). */
+    socket_mode: z
+      .string()
+      .regex(/^0?[0-7]{3}$/, 'an octal mode in quotes, such as "0660"')
+      .default('0660'),
+    socket_owner: z.string().min(1).optional(),
+    socket_group: z.string().min(1).optional(),
   })
   .superRefine((l, ctx) => {
     if (l.port === undefined && l.path === undefined) ctx.addIssue({ code: 'custom', message: 'needs a port (or a path for lmtp)' });
     if (l.path !== undefined && l.protocol !== 'lmtp') ctx.addIssue({ code: 'custom', path: ['path'], message: 'only lmtp listeners take a unix socket path' });
     if (l.tls !== 'none' && (!l.cert || !l.key)) ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls: ${l.tls} needs cert and key` });
+    if (l.path === undefined && (l.socket_owner !== undefined || l.socket_group !== undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['socket_owner'], message: 'socket_owner and socket_group apply to a unix socket (path)' });
+    }
   });
 
 const backendTls = z.strictObject({
@@ -53,7 +67,7 @@ const backendTlsGroup = backendTls.extend({
   slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
 });
 
-const schema = z.strictObject({
+const sections = z.strictObject({
   listeners: z.array(listener).min(1),
   lookup: z
     .strictObject({
@@ -115,10 +129,55 @@ const schema = z.strictObject({
     .strictObject({
       address: z.string().default('127.0.0.1'),
       port: port,
+      /** File holding a secret; every request must then send `Authorization: Bearer <secret>`. Required off loopback. */
+      token_file: z.string().optional(),
     })
     .optional(),
   log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
 });
+
+const schema = sections.superRefine(crossChecks);
+
+/** Checks that span sections: what `serve` would otherwise only find out when it binds or connects. */
+function crossChecks(cfg: z.infer<typeof sections>, ctx: z.RefinementCtx): void {
+  const url = cfg.lookup.redis?.url;
+  if (url !== undefined && !/^rediss?:\/\/[^/]/.test(url)) {
+    // ioredis reads anything else (http://…) as a unix socket path and retries it for ever.
+    ctx.addIssue({ code: 'custom', path: ['lookup', 'redis', 'url'], message: `must be redis://host[:port][/db] or rediss://… (got ${JSON.stringify(url)})` });
+  }
+  if (cfg.admin && !isLoopback(cfg.admin.address) && cfg.admin.token_file === undefined) {
+    ctx.addIssue({
+      code: 'custom',
+      path: ['admin', 'token_file'],
+      message: `admin.address ${cfg.admin.address} is not loopback: set admin.token_file (requests must then send Authorization: Bearer <token>)`,
+    });
+  }
+  // Two sockets on one address and port: the second bind fails at start, so say it here.
+  const binds: { what: string; address: string; port: number; path: (string | number)[] }[] = cfg.listeners.flatMap((l, i) =>
+    l.port === undefined ? [] : [{ what: `listeners.${i} (${l.name ?? l.protocol})`, address: l.address, port: l.port, path: ['listeners', i, 'port'] }],
+  );
+  if (cfg.admin) binds.push({ what: 'admin', address: cfg.admin.address, port: cfg.admin.port, path: ['admin', 'port'] });
+  binds.forEach((b, i) => {
+    const clash = binds.slice(0, i).find((o) => o.port === b.port && (o.address === b.address || isWildcard(o.address) || isWildcard(b.address)));
+    if (clash) ctx.addIssue({ code: 'custom', path: b.path, message: `${b.address}:${b.port} is also used by ${clash.what}` });
+  });
+  const paths = new Map<string, number>();
+  cfg.listeners.forEach((l, i) => {
+    if (l.path === undefined) return;
+    if (paths.has(l.path)) ctx.addIssue({ code: 'custom', path: ['listeners', i, 'path'], message: `${l.path} is also used by listeners.${paths.get(l.path)}` });
+    paths.set(l.path, i);
+  });
+}
+
+/** Whether only this host can reach an address (127.0.0.0/8, ::1, localhost). */
+export function isLoopback(address: string): boolean {
+  const a = address.toLowerCase().replace(/^\[|\]$/g, '');
+  return a === 'localhost' || a === '::1' || /^(::ffff:)?127\.\d+\.\d+\.\d+$/.test(a);
+}
+
+function isWildcard(address: string): boolean {
+  return address === '0.0.0.0' || address === '::' || address === '' || address === '[::]';
+}
 
 export type Config = z.infer<typeof schema>;
 export type ListenerConfig = Config['listeners'][number];
@@ -149,6 +208,7 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
       pair.key = abs(pair.key)!;
     }
   }
+  if (cfg.admin) cfg.admin.token_file = abs(cfg.admin.token_file);
   cfg.backend.tls.ca = abs(cfg.backend.tls.ca);
   for (const g of cfg.backend.tls_groups) g.ca = abs(g.ca);
   if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
@@ -173,5 +233,5 @@ export function loadConfig(file: string): Config {
 
 /** Whether a listener accepts cleartext credentials before TLS. */
 export function plaintextAllowed(l: ListenerConfig): boolean {
-  return l.plaintext_auth ?? l.tls === 'none';
+  return l.plaintext_auth ?? (l.tls === 'none' && isLoopback(l.address));
 }

@@ -1,4 +1,5 @@
-import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
+import type { Server as HttpServer } from 'node:http';
+import { startAdmin } from './admin.js';
 import type { Config } from './config.js';
 import { createLogger, type Logger } from './log.js';
 import { FileSource } from './lookup/file.js';
@@ -7,6 +8,7 @@ import { Router } from './lookup/router.js';
 import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { createMetrics } from './metrics.js';
+import { describeRedisError, OutageLog, redisEndpoint } from './outage.js';
 import type { LoginResult, ProxyContext } from './proxy/core.js';
 import { reloadBackendTls } from './proxy/backend.js';
 import { ClientGate } from './proxy/gate.js';
@@ -30,8 +32,14 @@ function zeroResults(): Record<LoginResult, number> {
   return { ok: 0, 'auth-failed': 0, unavailable: 0, locked: 0 };
 }
 
-export function createSource(cfg: Config, log: Logger): RouteSource {
-  const onError = (e: Error) => log.warn('lookup', { error: e.message });
+/** Where lookup errors go: for Redis, aggregated into outage lines (see OutageLog). */
+function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLive(live: boolean): void } {
+  if (!cfg.lookup.redis) return { onError: (e) => log.warn('lookup', { error: e.message }), onLive() {} };
+  const outage = new OutageLog(log, `Redis at ${redisEndpoint(cfg.lookup.redis.url)}`, describeRedisError);
+  return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok() };
+}
+
+export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
   if (cfg.lookup.redis) {
     const r = cfg.lookup.redis;
     return new RedisSource({ url: r.url, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, onError });
@@ -40,14 +48,18 @@ export function createSource(cfg: Config, log: Logger): RouteSource {
 }
 
 export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level)): Promise<RunningServer> {
-  const source = createSource(cfg, log);
+  const lookupLog = lookupErrors(cfg, log);
+  const source = createSource(cfg, log, lookupLog.onError);
   const router = new Router(source, {
     defaultDomain: cfg.lookup.default_domain,
     maxCachedUsers: cfg.lookup.cache_users,
     maxStaleMs: cfg.lookup.max_stale_ms,
-    onError: (e) => log.warn('router', { error: e.message }),
-    onLive: (live, resynced) =>
-      live ? log.info('route events live', { resynced }) : log.warn('route events lost; cache trusted for max_stale_ms more', { max_stale_ms: cfg.lookup.max_stale_ms }),
+    onError: cfg.lookup.redis ? lookupLog.onError : (e) => log.warn('router', { error: e.message }),
+    onLive: (live, resynced) => {
+      lookupLog.onLive(live);
+      if (live) log.info('route events live', { resynced });
+      else log.warn('route events lost; cache trusted for max_stale_ms more', { max_stale_ms: cfg.lookup.max_stale_ms });
+    },
   });
   const registry = new SessionRegistry();
   router.addListener(registry);
@@ -72,9 +84,11 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   let admin: HttpServer | undefined;
   const close = async () => {
     for (const p of proxies) p.server.close();
-    await Promise.all(lmtp.map((l) => l.close()));
+    // Every connection still before login is told so now (BYE / -ERR), rather than left to
+    // its login timeout: a stop must fit in systemd's TimeoutStopSec.
+    sweep.shutdownAll();
     registry.endAll('server shutting down');
-    await Promise.all(proxies.map((p) => p.close()));
+    await Promise.all([...lmtp.map((l) => l.close()), ...proxies.map((p) => p.close())]);
     admin?.close();
     sweep.stop();
     await router.close();
@@ -92,21 +106,11 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     }
     if (cfg.admin) {
       const metrics = createMetrics(ctx);
-      admin = createHttpServer((req, res) => {
-        if (req.url === '/metrics') {
-          metrics.metrics().then((text) => {
-            res.writeHead(200, { 'content-type': metrics.contentType });
-            res.end(text);
-          });
-        } else if (req.url === '/healthz') {
-          const live = router.stats.live;
-          res.writeHead(live ? 200 : 503, { 'content-type': 'application/json' });
-          res.end(JSON.stringify({ lookupLive: live, sessions: registry.size, preauth: sweep.size }));
-        } else {
-          res.writeHead(404).end();
-        }
+      admin = await startAdmin(cfg.admin, {
+        metrics: async () => ({ contentType: metrics.contentType, text: await metrics.metrics() }),
+        health: () => ({ live: router.stats.live, body: { lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size } }),
       });
-      await new Promise<void>((resolve) => admin!.listen(cfg.admin!.port, cfg.admin!.address, resolve));
+      log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
     }
   } catch (e) {
     await close();

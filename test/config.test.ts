@@ -1,13 +1,13 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, parseConfig, plaintextAllowed } from '../src/config.js';
+import { tempDir } from './support/tmp.js';
 
 const execFileP = promisify(execFile);
-const dir = mkdtempSync(join(tmpdir(), 'mailsplice-config-'));
+const dir = tempDir('config');
 
 function file(name: string, text: string): string {
   const p = join(dir, name);

@@ -1,10 +1,10 @@
-import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runCtl } from '../src/ctl.js';
 import { FileSource, parseModel } from '../src/lookup/file.js';
 import type { ChangeEvent } from '../src/lookup/source.js';
+import { tempDir } from './support/tmp.js';
 
 // `mailsplice ctl --file`: the same commands against the embedded routes file, which is
 // rewritten atomically and which a running FileSource (the proxy's) picks up as events.
@@ -25,7 +25,7 @@ slots:
 `;
 
 function routesFile(text = ROUTES, name = 'routes.yaml'): { dir: string; file: string } {
-  const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-file-'));
+  const dir = tempDir('ctl-file');
   const file = join(dir, name);
   writeFileSync(file, text);
   return { dir, file };
@@ -97,7 +97,7 @@ describe('ctl against the routes file', () => {
   });
 
   it('creates a new file on import, and writes JSON files back as JSON', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-file-'));
+    const dir = tempDir('ctl-file');
     const file = join(dir, 'new.yaml');
     const imp = await ctl(file, 'import', FIXTURE);
     expect(imp.code).toBe(0);
@@ -113,7 +113,7 @@ describe('ctl against the routes file', () => {
   });
 
   it('is left alone by a read-only command', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-'));
+    const dir = tempDir('ctl');
     const file = join(dir, 'routes.yaml');
     writeFileSync(file, '# hand-written\nusers: {}\n');
     let out = '';

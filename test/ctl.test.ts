@@ -1,6 +1,5 @@
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -12,6 +11,7 @@ import { parseModel } from '../src/lookup/file.js';
 import { RedisSource } from '../src/lookup/redis.js';
 import type { ChangeEvent } from '../src/lookup/source.js';
 import { startRedis, type RedisServer } from './harness/redis.js';
+import { tempDir } from './support/tmp.js';
 
 // `mailsplice ctl` against a real Redis: the main paths and exit codes as a child process
 // (exactly what a failover tool runs), everything else in-process through runCtl. Each
@@ -199,7 +199,7 @@ describe('mailsplice ctl as a child process', { timeout: 120_000 }, () => {
   });
 
   it('reads the target from the config named by MAILSPLICE_CONFIG', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-'));
+    const dir = tempDir('ctl');
     const cfg = join(dir, 'mailsplice.yaml');
     writeFileSync(
       cfg,
@@ -407,7 +407,7 @@ describe('mailsplice ctl in-process', () => {
   });
 
   it('refuses a production.dat with bad lines or unknown slots, writing nothing', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-'));
+    const dir = tempDir('ctl');
     const bad = join(dir, 'bad.dat');
     writeFileSync(bad, 'i1 1 t2 0 1000 e 127.0.0.300\nstore1 n 0 90 sloti1t01 slotnowhere\nwhat is this\n');
     const res = await ctl('import', bad);
@@ -437,7 +437,7 @@ describe('mailsplice ctl in-process', () => {
 
     // Round trip: the dump loads into an empty prefix and exports identically (epochs
     // aside: every import into a fresh place starts them at 1, as here).
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-ctl-'));
+    const dir = tempDir('ctl');
     writeFileSync(join(dir, 'dump.yaml'), yaml);
     writeFileSync(join(dir, 'dump.json'), (await ctl('export', '--format', 'json')).out);
     const first = prefix;

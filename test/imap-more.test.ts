@@ -1,5 +1,3 @@
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,6 +6,7 @@ import { connectLines, type LineClient } from './harness/lines.js';
 import { startWorld, type World } from './harness/world.js';
 import { worldRoutes, writeRoutesFile, type RouteModel } from './support/routes.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
+import { tempDir } from './support/tmp.js';
 
 // The IMAP front end on the embedded file lookup: STARTTLS, plaintext policy, connection
 // limits, file edits, and a differential check against Dovecot spoken to directly.
@@ -20,7 +19,7 @@ let ca: CertFiles;
 
 beforeAll(async () => {
   world = await startWorld();
-  const dir = mkdtempSync(join(tmpdir(), 'mailsplice-imap-'));
+  const dir = tempDir('imap');
   ca = await makeCA(join(dir, 'ca'));
   const cert = await makeCert(join(dir, 'cert'), { ca, cn: 'mail.example.test', altNames: ['mail.example.test', '127.0.0.1'] });
   routes = worldRoutes(world);

@@ -1,7 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { mkdtempSync } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openLmtp } from './harness/lmtp.js';
@@ -9,6 +7,7 @@ import { freePort } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxyProcess, type ProxyProcess } from './support/process.js';
 import { worldRoutes, writeRoutesFile } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // A 50 MiB message through a proxy running in its own process (node + tsx, as in
 // production), fanned out to both slots. The proxy's RSS is sampled from /proc while the
@@ -29,7 +28,7 @@ let lmtpPort: number;
 
 beforeAll(async () => {
   world = await startWorld();
-  const routesFile = join(mkdtempSync(join(tmpdir(), 'mailsplice-routes-')), 'routes.yaml');
+  const routesFile = join(tempDir('routes'), 'routes.yaml');
   writeRoutesFile(routesFile, worldRoutes(world));
   lmtpPort = await freePort('127.0.0.1');
   proxy = await startProxyProcess({

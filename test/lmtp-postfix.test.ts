@@ -1,6 +1,4 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,6 +6,7 @@ import { startPostfix, type PostfixInstance } from './harness/postfix.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { worldRoutes, writeRoutesFile, type RouteModel } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // Real Postfix in front of mailsplice in front of real Dovecot: what production looks like.
 // Routes come from the embedded YAML file this time (the Redis path is covered elsewhere).
@@ -24,7 +23,7 @@ let seq = 0;
 beforeAll(async () => {
   world = await startWorld();
   routes = worldRoutes(world);
-  routesFile = join(mkdtempSync(join(tmpdir(), 'mailsplice-routes-')), 'routes.yaml');
+  routesFile = join(tempDir('routes'), 'routes.yaml');
   writeRoutesFile(routesFile, routes);
   proxy = await startProxy({ listeners: [{ protocol: 'lmtp' }], lookup: { file: routesFile } });
   postfix = await startPostfix({ lmtp: `inet:127.0.0.1:${proxy.ports.lmtp}` });

@@ -1,8 +1,6 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -14,6 +12,7 @@ import { freePort } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { changeInRedis, seedRedis, worldRoutes } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // The LMTP front end against real Dovecot LMTP on two slots, routes in a real Redis.
 // alice and carol live on store1 (master slotA), bob on store2 (master slotB).
@@ -30,7 +29,7 @@ const MAX_SIZE = 1024 * 1024;
 beforeAll(async () => {
   world = await startWorld({ redis: true });
   await seedRedis(world.redis!.url, worldRoutes(world));
-  socketPath = join(mkdtempSync(join(tmpdir(), 'mailsplice-lmtp-')), 'lmtp.sock');
+  socketPath = join(tempDir('lmtp'), 'lmtp.sock');
   proxy = await startProxy({
     listeners: [{ protocol: 'lmtp', path: socketPath }],
     lookup: { redis: { url: world.redis!.url }, max_stale_ms: 0 },

@@ -1,8 +1,6 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
@@ -16,6 +14,7 @@ import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
 import { connectLines, type LineClient } from './harness/lines.js';
 import { freePorts } from './harness/ports.js';
 import { seedMessage, startWorld, type World } from './harness/world.js';
+import { tempDir } from './support/tmp.js';
 
 // POP3 through the proxy to real Dovecot slots, checked with Python's poplib, curl and raw
 // sockets. alice and carol live on store1 (master slotA), bob on store2 (master slotB);
@@ -78,7 +77,7 @@ beforeAll(async () => {
   await slotC.deliver('dave@example.com', seedMessage('slotC', 'dave@example.com'));
   await seed();
 
-  const dir = mkdtempSync(join(tmpdir(), 'mailsplice-pop3-'));
+  const dir = tempDir('pop3');
   ca = await makeCA(join(dir, 'ca'));
   const cert = await makeCert(dir, { ca, cn: 'pop.example.test', altNames: ['pop.example.test', 'localhost', HOST] });
   [port.plain, port.stls, port.pop3s, port.open] = (await freePorts(HOST, 4)) as [number, number, number, number];

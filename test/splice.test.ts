@@ -1,12 +1,11 @@
 import { createHash } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { worldRoutes, writeRoutesFile } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // Bulk data through the splice must arrive byte for byte, whatever the pace of the client:
 // fast readers and slow ones (which make writes queue up, the case where the shared read
@@ -17,7 +16,7 @@ let proxy: TestProxy;
 
 beforeAll(async () => {
   world = await startWorld();
-  const dir = mkdtempSync(join(tmpdir(), 'mailsplice-splice-'));
+  const dir = tempDir('splice');
   const routesFile = join(dir, 'routes.yaml');
   writeRoutesFile(routesFile, worldRoutes(world));
   proxy = await startProxy({ listeners: [{ protocol: 'imap' }], lookup: { file: routesFile } });

@@ -1,7 +1,6 @@
 import { execFile } from 'node:child_process';
-import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import tls from 'node:tls';
@@ -20,6 +19,7 @@ import { connectLines, type LineClient } from './harness/lines.js';
 import { freePorts } from './harness/ports.js';
 import { spawnDaemon, waitUntil } from './harness/proc.js';
 import { seedMessage, startWorld, type World } from './harness/world.js';
+import { tempDir } from './support/tmp.js';
 
 // TLS on every side of the proxy, with real clients and real Dovecot:
 // - listeners: implicit TLS (IMAPS, POP3S) and STARTTLS, SNI (exact and wildcard), minimum
@@ -49,7 +49,7 @@ const port = { imaps: 0, imapStarttls: 0, pop3s: 0, imap: 0, pop3: 0, imapsTls13
 const T_USERS = ['starttls', 'implicit', 'named', 'wrongca', 'wrongname', 'cleartext'].map((u) => `${u}@example.com`);
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'mailsplice-tls-'));
+  dir = tempDir('tls');
   [ca, backendCa, otherCa] = await Promise.all([makeCA(join(dir, 'ca')), makeCA(join(dir, 'backend-ca'), 'backend CA'), makeCA(join(dir, 'other-ca'), 'unrelated CA')]);
   const [def, exact, wild, backendCert] = await Promise.all([
     makeCert(dir, { ca, cn: 'mail.example.test', altNames: ['mail.example.test', 'localhost', HOST], name: 'default' }),
@@ -279,7 +279,7 @@ describe('certificate reload', () => {
   });
 
   it('SIGHUP to a running mailsplice process does the same', async () => {
-    const pdir = mkdtempSync(join(tmpdir(), 'mailsplice-hup-'));
+    const pdir = tempDir('hup');
     const cert = join(pdir, 'cert.pem');
     const key = join(pdir, 'key.pem');
     const first = await makeCert(pdir, { ca, cn: 'before-hup.example.test', altNames: ['mail.example.test', HOST], name: 'before' });

@@ -1,8 +1,9 @@
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Config, ListenerConfig } from '../config.js';
 import type { ProxyContext } from '../proxy/core.js';
 import { ListenerTls } from '../proxy/tls.js';
+import { resolveId } from '../preflight.js';
 import { lmtpTotals, type LmtpTotals } from './metrics.js';
 import { BackendPool } from './pool.js';
 import { formatReply, reply } from './reply.js';
@@ -36,9 +37,6 @@ export interface LmtpListener {
   /** Stops accepting; lets transactions under way finish (bounded by lmtp.timeout_ms), then closes. */
   close(): Promise<void>;
 }
-
-/** Mode of the unix socket: Postfix's lmtp client runs as its own user and must be able to connect. */
-const SOCKET_MODE = 0o666;
 
 export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'], ctx: ProxyContext, totals: LmtpTotals = lmtpTotals): Promise<LmtpListener> {
   if (l.tls === 'starttls') throw new Error(`lmtp listener ${l.name ?? ''}: tls: starttls is not supported for LMTP (use implicit, or none on loopback/unix sockets)`);
@@ -107,8 +105,13 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
     if (l.path !== undefined) {
       removeStaleSocket(l.path);
       await listen(make(), { path: l.path });
-      chmodSync(l.path, SOCKET_MODE);
-      ctx.log.info('listening', { protocol: 'lmtp', path: l.path });
+      // Whoever can connect can deliver as anyone: the socket is for the MTA's user only
+      // (socket_group: postfix, mode 0660), never for every local user (0666).
+      const uid = l.socket_owner === undefined ? -1 : resolveId('passwd', l.socket_owner);
+      const gid = l.socket_group === undefined ? -1 : resolveId('group', l.socket_group);
+      if (uid !== -1 || gid !== -1) chownSync(l.path, uid, gid);
+      chmodSync(l.path, Number.parseInt(l.socket_mode, 8));
+      ctx.log.info('listening', { protocol: 'lmtp', path: l.path, mode: l.socket_mode, owner: l.socket_owner, group: l.socket_group });
     }
   } catch (e) {
     for (const s of servers) s.close();

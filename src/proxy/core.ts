@@ -44,6 +44,12 @@ export class LoginFailed extends Error {
   }
 }
 
+/** What a connection before login is told when the server stops (RFC 9051 7.1.5; RFC 2449 [SYS/TEMP]). */
+const SHUTDOWN_WORDS: Record<string, string> = {
+  imap: '* BYE [UNAVAILABLE] Server shutting down, try again later\r\n',
+  pop3: '-ERR [SYS/TEMP] Server shutting down, try again later\r\n',
+};
+
 /**
  * The state of one connection before login, shared by the IMAP and POP3 dialogues: its
  * socket (swapped for a TLS one by STARTTLS/STLS), a bounded reader, and one entry in the
@@ -95,6 +101,13 @@ export abstract class PreauthConnection implements Expiring {
     } else {
       this.reader.fail(new Error('login timeout'));
     }
+  }
+
+  /** Server shutdown: the protocol's goodbye now, whatever the dialogue was waiting for. */
+  shutdown(): void {
+    this.backendSocket?.destroy(); // an unfinished login fails with it; its answer is not sent
+    if (this.handshaking) this.socket.destroy(); // no cleartext way to say it mid-handshake
+    else this.close(SHUTDOWN_WORDS[this.rt.cfg.protocol]);
   }
 
   get ctx(): ProxyContext {
@@ -201,7 +214,7 @@ export abstract class PreauthConnection implements Expiring {
   splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): void {
     this.ctx.sweep.delete(this);
     const clientRest = this.reader.detach();
-    if (this.socket.destroyed) {
+    if (this.socket.destroyed || this.socket.writableEnded) {
       backend.destroy();
       return;
     }

@@ -3,6 +3,8 @@ export interface Expiring {
   /** Epoch ms; may be moved by its owner at any time. */
   deadline: number;
   expire(): void;
+  /** Server shutdown: say goodbye and close now. Without it, shutdown expires the item. */
+  shutdown?(): void;
 }
 
 /**
@@ -47,6 +49,16 @@ export class Sweep {
       item.expire();
     }
     for (const fn of this.tickers) fn();
+  }
+
+  /** Ends everything waiting (server shutdown), each with its shutdown() if it has one. */
+  shutdownAll(): void {
+    const all = [...this.items];
+    this.items.clear();
+    for (const item of all) {
+      if (item.shutdown) item.shutdown();
+      else item.expire();
+    }
   }
 
   stop(): void {

@@ -1,9 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
 import { freePort } from '../harness/ports.js';
+import { tempDir } from './tmp.js';
 
 export interface ProxyProcess {
   child: ChildProcess;
@@ -22,7 +22,7 @@ const CLI = resolve(import.meta.dirname, '../../src/cli.ts');
  */
 export async function startProxyProcess(extra: Record<string, unknown>): Promise<ProxyProcess> {
   const port = await freePort('127.0.0.1');
-  const dir = mkdtempSync(join(tmpdir(), 'mailsplice-proc-'));
+  const dir = tempDir('proc');
   const configFile = join(dir, 'mailsplice.yaml');
   writeFileSync(configFile, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], log: { level: 'info' }, ...extra }));
   const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'serve', '--config', configFile], { stdio: ['ignore', 'ignore', 'pipe'] });

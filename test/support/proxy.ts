@@ -1,10 +1,9 @@
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseConfig } from '../../src/config.js';
 import { createLogger, silentLogger } from '../../src/log.js';
 import { startServer, type RunningServer } from '../../src/server.js';
 import { freePort } from '../harness/ports.js';
+import { tempDir } from './tmp.js';
 
 export interface TestProxy {
   server: RunningServer;
@@ -30,7 +29,7 @@ export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<str
     const key = l.tls && l.tls !== 'none' ? `${l.protocol}:${l.tls}` : l.protocol;
     ports[key] ??= l.port as number;
   }
-  const cfg = parseConfig({ ...doc, listeners }, 'test config', mkdtempSync(join(tmpdir(), 'mailsplice-cfg-')));
+  const cfg = parseConfig({ ...doc, listeners }, 'test config', tempDir('cfg'));
   const level = process.env.MAILSPLICE_TEST_LOG;
   const log = level === 'debug' || level === 'info' ? createLogger(level) : silentLogger;
   const server = await startServer(cfg, log);

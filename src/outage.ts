@@ -1,0 +1,77 @@
+import type { Logger } from './log.js';
+
+/**
+ * Turns a stream of errors from one dependency (Redis) into a few lines an operator can
+ * read: one when it goes down, a summary with a count every `summaryMs` while it stays
+ * down, one when it is back. A reconnecting client reports an error per attempt (several a
+ * second); logging each would bury everything else. No timer: the summary is written by the
+ * next error after the interval, and errors keep coming for as long as the outage lasts.
+ */
+export class OutageLog {
+  private downSince: number | undefined;
+  private lastSummary = 0;
+  private errors = 0;
+  private lastReason = '';
+
+  constructor(
+    private readonly log: Logger,
+    /** What is down, e.g. "Redis at 10.0.0.5:6379". */
+    private readonly what: string,
+    private readonly describe: (e: Error) => string,
+    private readonly summaryMs = 60_000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  error(e: Error): void {
+    const reason = this.describe(e);
+    const now = this.now();
+    this.errors++;
+    if (this.downSince === undefined) {
+      this.downSince = this.lastSummary = now;
+      this.lastReason = reason;
+      this.log.warn(`${this.what} unreachable; logins get UNAVAILABLE for users not in the cache`, { reason });
+      return;
+    }
+    if (now - this.lastSummary >= this.summaryMs || reason !== this.lastReason) {
+      this.lastSummary = now;
+      this.lastReason = reason;
+      this.log.warn(`${this.what} still unreachable`, { reason, errors: this.errors, down_s: Math.round((now - this.downSince) / 1000) });
+    }
+  }
+
+  /** The dependency answers again. */
+  ok(): void {
+    if (this.downSince === undefined) return;
+    this.log.info(`${this.what} reachable again`, { errors: this.errors, down_s: Math.round((this.now() - this.downSince) / 1000) });
+    this.downSince = undefined;
+    this.errors = 0;
+  }
+
+  get down(): boolean {
+    return this.downSince !== undefined;
+  }
+}
+
+/** Where a Redis URL points, without its password: safe to log. */
+export function redisEndpoint(url: string): string {
+  try {
+    const u = new URL(url);
+    return `${u.hostname || '127.0.0.1'}:${u.port || '6379'}`;
+  } catch {
+    return 'Redis';
+  }
+}
+
+/** An ioredis error in words an operator acts on, instead of the client's internals. */
+export function describeRedisError(e: Error): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  const m = e.message;
+  if (code === 'ECONNREFUSED') return 'connection refused (is redis-server running on that address?)';
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return 'host name does not resolve';
+  if (code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH') return 'host unreachable or not answering';
+  if (code === 'ECONNRESET' || code === 'EPIPE') return 'connection dropped by the server';
+  if (/WRONGPASS|NOAUTH|invalid password/i.test(m)) return 'Redis refused the password in lookup.redis.url';
+  if (/Stream isn't writeable|Connection is closed|enableOfflineQueue/.test(m)) return 'not connected (reconnecting)';
+  if (/timed? ?out/i.test(m)) return 'Redis did not answer within lookup.redis.command_timeout_ms';
+  return m;
+}

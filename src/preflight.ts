@@ -1,0 +1,115 @@
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { createSecureContext } from 'node:tls';
+import { isLoopback, plaintextAllowed, type Config } from './config.js';
+
+// What the schema cannot see: the files a config names, and settings that are legal but
+// unsafe. `check-config` and `serve` both run this, so a config that one passes the other
+// starts with (short of a port taken by another program).
+
+export interface Preflight {
+  /** Reasons `serve` would fail: it refuses to start on any of them. */
+  errors: string[];
+  /** Legal but risky settings: logged at start and printed by check-config. */
+  warnings: string[];
+}
+
+export function preflight(cfg: Config): Preflight {
+  const errors: string[] = [];
+  const warnings: string[] = [];
+  cfg.listeners.forEach((l, i) => {
+    const where = `listeners.${i} (${l.name ?? l.protocol})`;
+    if (l.cert !== undefined && l.key !== undefined) checkPair(`${where}`, l.cert, l.key, errors);
+    for (const [name, pair] of Object.entries(l.sni ?? {})) checkPair(`${where} sni ${name}`, pair.cert, pair.key, errors);
+    if (l.path !== undefined) {
+      for (const [kind, name] of [['passwd', l.socket_owner], ['group', l.socket_group]] as const) {
+        if (name === undefined) continue;
+        try {
+          resolveId(kind, name);
+        } catch (e) {
+          errors.push(`${where}: socket_${kind === 'passwd' ? 'owner' : 'group'}: ${(e as Error).message}`);
+        }
+      }
+      if (Number.parseInt(l.socket_mode, 8) & 0o002) warnings.push(`${where}: socket_mode ${l.socket_mode} lets every local user deliver mail as anyone`);
+    }
+    const local = isLoopback(l.address);
+    if (l.protocol !== 'lmtp' && l.tls === 'none' && !local) {
+      if (plaintextAllowed(l)) warnings.push(`${where}: plaintext_auth on ${l.address} without TLS: passwords cross the network in clear`);
+      else warnings.push(`${where}: tls: none on ${l.address} and plaintext_auth off: no client can log in here (set tls, or plaintext_auth: true)`);
+    }
+    if (l.protocol === 'lmtp' && l.port !== undefined && !local) {
+      warnings.push(`${where}: LMTP on ${l.address} has no authentication: anyone who reaches ${l.address}:${l.port} can deliver mail; firewall it`);
+    }
+  });
+  const checkCa = (where: string, ca: string | undefined) => {
+    if (ca === undefined) return;
+    try {
+      createSecureContext({ ca: readFileSync(ca) });
+    } catch (e) {
+      errors.push(`${where}: ca ${ca}: ${describe(e)}`);
+    }
+  };
+  checkCa('backend.tls', cfg.backend.tls.ca);
+  cfg.backend.tls_groups.forEach((g, i) => checkCa(`backend.tls_groups.${i}`, g.ca));
+  if (cfg.admin?.token_file !== undefined) {
+    try {
+      readAdminToken(cfg.admin.token_file);
+    } catch (e) {
+      errors.push(`admin.token_file: ${(e as Error).message}`);
+    }
+  }
+  return { errors, warnings };
+}
+
+function checkPair(where: string, cert: string, key: string, errors: string[]): void {
+  let certPem: Buffer;
+  let keyPem: Buffer;
+  try {
+    certPem = readFileSync(cert);
+    keyPem = readFileSync(key);
+  } catch (e) {
+    errors.push(`${where}: ${describe(e)}`);
+    return;
+  }
+  try {
+    // Also proves that the key belongs to the certificate.
+    createSecureContext({ cert: certPem, key: keyPem });
+  } catch (e) {
+    errors.push(`${where}: cert ${cert} / key ${key}: ${describe(e)}`);
+  }
+}
+
+function describe(e: unknown): string {
+  const err = e as NodeJS.ErrnoException;
+  if (err.code === 'ENOENT') return `${err.path ?? 'file'} does not exist`;
+  if (err.code === 'EACCES') return `${err.path ?? 'file'} is not readable by this user`;
+  if (typeof err.code === 'string' && err.code.startsWith('ERR_OSSL')) return `not a valid PEM certificate or key, or they do not match (${err.message})`;
+  return err.message;
+}
+
+/** The admin secret: the file's content without surrounding whitespace; never empty. */
+export function readAdminToken(file: string): string {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new Error(describe(e));
+  }
+  const token = text.trim();
+  if (token.length < 16) throw new Error(`${file} must hold a secret of at least 16 characters`);
+  return token;
+}
+
+/** A user or group name (or number) as a numeric id, through NSS like every other program. */
+export function resolveId(kind: 'passwd' | 'group', name: string): number {
+  if (/^\d+$/.test(name)) return Number(name);
+  let entry: string;
+  try {
+    entry = execFileSync('getent', [kind, name], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } catch {
+    throw new Error(`no ${kind === 'passwd' ? 'user' : 'group'} named ${JSON.stringify(name)}`);
+  }
+  const id = Number(entry.split(':')[2]);
+  if (!Number.isInteger(id)) throw new Error(`cannot read the id of ${JSON.stringify(name)}`);
+  return id;
+}
