@@ -1,7 +1,7 @@
 // The demo behind `npm run demo`: two Dovecot slots, a routes file, mailsplice in front.
 // It reuses the test harness' Dovecot launcher so the demo and the tests run Dovecot the
 // same way. Ctrl-C stops everything.
-import { mkdtempSync, chmodSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, chmodSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
@@ -28,9 +28,27 @@ async function portOr(preferred: number): Promise<number> {
 
 const dir = mkdtempSync(join(tmpdir(), 'mailsplice-demo-'));
 chmodSync(dir, 0o755);
-const slotA = await startDovecotSlot({ id: 'slotA', host: '127.0.0.11', users, dir: join(dir, 'slotA') });
-const slotB = await startDovecotSlot({ id: 'slotB', host: '127.0.0.12', users, dir: join(dir, 'slotB') });
-for (const slot of [slotA, slotB]) for (const u of users) await slot.deliver(u.name, seedMessage(slot.id, u.name));
+const started: { stop(): Promise<void> }[] = [];
+/** Stops what started; the work folder is removed unless it holds the logs of a failed start. */
+const cleanUp = async (keep: boolean) => {
+  await Promise.allSettled(started.map((s) => s.stop()));
+  if (keep) process.stderr.write(`demo: failed to start; Dovecot's logs are in ${dir}\n`);
+  else rmSync(dir, { recursive: true, force: true });
+};
+const track = <T extends { stop(): Promise<void> }>(x: T): T => (started.push(x), x);
+/** Runs a start-up step; if it fails, stops what started and exits. */
+async function step<T>(p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (e) {
+    process.stderr.write(`demo: ${(e as Error).message}\n`);
+    await cleanUp(true);
+    process.exit(1);
+  }
+}
+const slotA = track(await step(startDovecotSlot({ id: 'slotA', host: '127.0.0.11', users, dir: join(dir, 'slotA') })));
+const slotB = track(await step(startDovecotSlot({ id: 'slotB', host: '127.0.0.12', users, dir: join(dir, 'slotB') })));
+for (const slot of [slotA, slotB]) for (const u of users) await step(slot.deliver(u.name, seedMessage(slot.id, u.name)));
 
 const routesFile = join(dir, 'routes.yaml');
 const slot = (s: typeof slotA) => ({ host: s.host, imap: s.imap, pop3: s.pop3, lmtp: s.lmtp });
@@ -58,10 +76,11 @@ const cfg = parseConfig(
   },
   'demo',
 );
-const server = await startServer(cfg, createLogger('info'));
+const server = await step(startServer(cfg, createLogger('info')));
+track({ stop: () => server.close() });
 
 process.stdout.write(`
-mailsplice demo is running (Ctrl-C stops it all). Work files: ${dir}
+mailsplice demo is running (Ctrl-C stops it all and removes its work files in ${dir})
 
   IMAP  127.0.0.1:${imap}    POP3  127.0.0.1:${pop3}    LMTP  127.0.0.1:${lmtp}    metrics http://127.0.0.1:${admin}/metrics
   alice@example.com / alicepw  lives on store1, master slotA (127.0.0.11)
@@ -80,8 +99,7 @@ let stopping = false;
 const stop = async () => {
   if (stopping) process.exit(1);
   stopping = true;
-  await server.close();
-  await Promise.allSettled([slotA.stop(), slotB.stop()]);
+  await cleanUp(false);
   process.exit(0);
 };
 process.on('SIGINT', () => void stop());

@@ -11,7 +11,6 @@ export class OutageLog {
   private downSince: number | undefined;
   private lastSummary = 0;
   private errors = 0;
-  private lastReason = '';
 
   constructor(
     private readonly log: Logger,
@@ -28,13 +27,13 @@ export class OutageLog {
     this.errors++;
     if (this.downSince === undefined) {
       this.downSince = this.lastSummary = now;
-      this.lastReason = reason;
       this.log.warn(`${this.what} unreachable; logins get UNAVAILABLE for users not in the cache`, { reason });
       return;
     }
-    if (now - this.lastSummary >= this.summaryMs || reason !== this.lastReason) {
+    // Not on every change of reason: a client that reconnects and a command that fails
+    // meanwhile report different errors in turn for the same outage.
+    if (now - this.lastSummary >= this.summaryMs) {
       this.lastSummary = now;
-      this.lastReason = reason;
       this.log.warn(`${this.what} still unreachable`, { reason, errors: this.errors, down_s: Math.round((now - this.downSince) / 1000) });
     }
   }
@@ -49,6 +48,11 @@ export class OutageLog {
 
   get down(): boolean {
     return this.downSince !== undefined;
+  }
+
+  /** Errors seen in the current outage (0 when up). */
+  get errorCount(): number {
+    return this.errors;
   }
 }
 

@@ -22,6 +22,8 @@ export interface RunningServer {
   proxies: ProxyListener[];
   lmtp: LmtpListener[];
   admin: HttpServer | undefined;
+  /** With a Redis lookup: the state of its current outage, if any. */
+  lookupOutage: OutageLog | undefined;
   /** SIGHUP: certificates and the routes file are read again; no session is dropped. */
   reload(): void;
   /** Stops listening, ends every session, closes the lookup. */
@@ -33,10 +35,10 @@ function zeroResults(): Record<LoginResult, number> {
 }
 
 /** Where lookup errors go: for Redis, aggregated into outage lines (see OutageLog). */
-function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLive(live: boolean): void } {
+function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLive(live: boolean): void; outage?: OutageLog } {
   if (!cfg.lookup.redis) return { onError: (e) => log.warn('lookup', { error: e.message }), onLive() {} };
   const outage = new OutageLog(log, `Redis at ${redisEndpoint(cfg.lookup.redis.url)}`, describeRedisError);
-  return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok() };
+  return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok(), outage };
 }
 
 export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
@@ -123,6 +125,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     proxies,
     lmtp,
     admin,
+    lookupOutage: lookupLog.outage,
     reload() {
       for (const p of proxies) {
         try {
