@@ -92,7 +92,13 @@ describe('npm run demo', () => {
       expect(await exited).toBe(0);
       expect(existsSync(dir), out).toBe(false);
     } finally {
-      if (child.exitCode === null) child.kill('SIGKILL');
+      // Politely first: a demo killed outright would leave its Dovecots running.
+      if (child.exitCode === null) {
+        child.kill('SIGINT');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+        await exited;
+        clearTimeout(timer);
+      }
     }
   });
 });
