@@ -89,8 +89,12 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     // Every connection still before login is told so now (BYE / -ERR), rather than left to
     // its login timeout: a stop must fit in systemd's TimeoutStopSec.
     sweep.shutdownAll();
+    // LMTP transactions under way are let finish (their recipients already got 250):
+    // the LMTP listeners end those sessions themselves.
+    const lmtpClosed = Promise.all(lmtp.map((l) => l.close()));
+    registry.endAll('server shutting down', ['imap', 'pop3']);
+    await Promise.all([lmtpClosed, ...proxies.map((p) => p.close())]);
     registry.endAll('server shutting down');
-    await Promise.all([...lmtp.map((l) => l.close()), ...proxies.map((p) => p.close())]);
     admin?.close();
     sweep.stop();
     await router.close();

@@ -85,9 +85,10 @@ export class SessionRegistry implements ChangeListener {
     return out;
   }
 
-  /** Ends everything (shutdown). */
-  endAll(reason: string): void {
+  /** Ends everything (shutdown), or every session of the given protocols. */
+  endAll(reason: string, protocols?: readonly Protocol[]): void {
     for (const set of [...this.byLogin.values()]) for (const s of [...set]) {
+      if (protocols && !protocols.includes(s.protocol)) continue;
       this.remove(s);
       s.end(reason);
     }
