@@ -7,7 +7,7 @@ etc=${MAILSPLICE_ETC:-/etc/mailsplice}
 if [ ! -e "$etc/tls/fullchain.pem" ] && [ ! -e "$etc/tls/privkey.pem" ]; then
   echo "mailsplice: no certificate in $etc/tls: creating a self-signed one; mount your own for real clients" >&2
   mkdir -p "$etc/tls"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=${MAILSPLICE_HOSTNAME:-$(hostname)}" \
+  openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=${MAILSPLICE_HOSTNAME:-$(cat /etc/hostname 2>/dev/null || echo mailsplice)}" \
     -keyout "$etc/tls/privkey.pem" -out "$etc/tls/fullchain.pem" 2>/dev/null
   chmod 600 "$etc/tls/privkey.pem"
 fi
