@@ -1,6 +1,7 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { openBackend, startBackendTls } from '../proxy/backend.js';
+import { BackendRefused, openBackend, startBackendTls } from '../proxy/backend.js';
+import type { OwnListeners } from '../proxy/own-listeners.js';
 import { DotEncoder } from './dot.js';
 import { ReplyAssembler, isPositive, replyText, type Reply } from './reply.js';
 
@@ -25,6 +26,15 @@ export interface LmtpClientOptions {
   lhlo: string;
   /** Longest reply line accepted from the backend (RFC 5321 says 512 octets). */
   maxLine?: number;
+  /** This process's listeners: a backend address that is one of them is a routing loop. */
+  ownListeners?: OwnListeners;
+}
+
+/** The backend address is this proxy itself (a slot record pointing back at it). */
+export class RoutingLoop extends BackendRefused {
+  constructor(message: string) {
+    super('unavailable', message);
+  }
 }
 
 export class LmtpClientError extends Error {
@@ -76,6 +86,10 @@ export class LmtpClient {
   /** Connects, reads the greeting, says LHLO (and STARTTLS when configured). */
   static async connect(opts: LmtpClientOptions): Promise<LmtpClient> {
     const sock = await openBackend(opts.host, opts.port, { connectTimeoutMs: opts.connectTimeoutMs, tls: opts.tls });
+    if (opts.ownListeners?.reaches(sock)) {
+      sock.destroy();
+      throw new RoutingLoop(`${opts.host}:${opts.port} is a listener of this proxy`);
+    }
     const c = new LmtpClient(sock, opts);
     try {
       const greeting = await c.read();

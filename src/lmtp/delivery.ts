@@ -3,7 +3,7 @@ import type { ProxyContext } from '../proxy/core.js';
 import type { LiveSession } from '../proxy/registry.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
-import type { LmtpClient, LmtpClientOptions } from './client.js';
+import { RoutingLoop, type LmtpClient, type LmtpClientOptions } from './client.js';
 import type { BackendPool } from './pool.js';
 import { isPositive, reply, replyText, type Reply } from './reply.js';
 
@@ -117,6 +117,7 @@ class Leg {
       timeoutMs: this.d.settings.timeoutMs,
       tls: backendTlsFor(ctx.backend, route.slot),
       lhlo: this.d.settings.hostname,
+      ownListeners: ctx.ownListeners,
     };
     try {
       const { from, size, body8bit } = this.d.envelope;
@@ -236,6 +237,7 @@ class Leg {
 
   private noteFailure(e: Error): void {
     this.d.totals.backendFailures++;
+    if (e instanceof RoutingLoop) this.ctx.log.error('routing loop: slot points at this proxy', { slot: this.route.slot, host: this.route.host, port: this.route.ports.lmtp, protocol: 'lmtp' });
     this.ctx.log.warn('lmtp backend failed', {
       slot: this.route.slot,
       host: this.route.host,
