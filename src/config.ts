@@ -101,6 +101,8 @@ const sections = z.strictObject({
       connections_per_ip: z.number().int().positive().default(500),
       /** Failed logins one client IP may have per minute before it is turned away. */
       auth_failures_per_ip_per_minute: z.number().int().positive().default(60),
+      /** After the backend closed a session (e.g. LOGOUT), how long the client may keep its side (and its per-IP slot) open. */
+      half_close_timeout_ms: z.number().int().positive().default(5000),
     })
     .prefault({}),
   backend: z

@@ -13,6 +13,7 @@ import type { LoginResult, ProxyContext } from './proxy/core.js';
 import { reloadBackendTls } from './proxy/backend.js';
 import { ClientGate } from './proxy/gate.js';
 import { ProxyListener } from './proxy/listener.js';
+import { OwnListeners } from './proxy/own-listeners.js';
 import { SessionRegistry } from './proxy/registry.js';
 import { Sweep } from './proxy/sweep.js';
 
@@ -75,6 +76,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     backend: cfg.backend,
     log,
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
+    ownListeners: new OwnListeners(),
   };
   router.start();
   // Logins that arrive before the lookup is connected would all fail: give it a moment.
@@ -102,12 +104,16 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   try {
     for (const l of cfg.listeners) {
       if (l.protocol === 'lmtp') {
-        lmtp.push(await startLmtpListener(l, cfg.lmtp, ctx));
+        const ll = await startLmtpListener(l, cfg.lmtp, ctx);
+        lmtp.push(ll);
+        const at = ll.address();
+        if (at) ctx.ownListeners.add(at.address, at.port);
         continue;
       }
       const p = new ProxyListener(l, ctx);
       await p.listen();
       proxies.push(p);
+      ctx.ownListeners.add(p.address().address, p.address().port);
       log.info('listening', { protocol: l.protocol, address: l.address, port: p.address().port, tls: l.tls });
     }
     if (cfg.admin) {

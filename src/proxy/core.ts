@@ -5,6 +5,7 @@ import { LookupFailure, type Protocol, type Route } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
 import { BackendRefused, backendTlsFor, openBackend } from './backend.js';
 import type { ClientGate } from './gate.js';
+import type { OwnListeners } from './own-listeners.js';
 import type { SessionRegistry } from './registry.js';
 import { SplicedSession } from './splice.js';
 import type { Expiring, Sweep } from './sweep.js';
@@ -24,6 +25,25 @@ export interface ProxyContext {
   backend: Config['backend'];
   log: Logger;
   counters: { logins: Record<Protocol, Record<LoginResult, number>>; rejectedConnections: number };
+  /** This process's listening sockets: a route to one of them is a loop. */
+  ownListeners: OwnListeners;
+}
+
+/** A logged-in backend connection as a protocol's login dialogue hands it over. */
+export interface BackendSession {
+  socket: Socket;
+  /** Bytes the backend sent past its answer to the login. */
+  rest: Buffer;
+}
+
+/** How a protocol's logged-in backend connection is handed to the client, or given up. */
+export interface Handover {
+  /** What the client must see first: the backend's answer to the login. */
+  toClient: string;
+  /** The line an event's end of the session says, if the protocol has one. */
+  farewell?: (reason: string) => string;
+  /** The command that logs out of a backend that is no longer the route (`Z LOGOUT`, `QUIT`). */
+  logout: string;
 }
 
 /** One listener's settings as a front end needs them. */
@@ -194,6 +214,10 @@ export abstract class PreauthConnection implements Expiring {
       const tls = backendTlsFor(this.ctx.backend, route.slot);
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });
       this.backendSocket = sock;
+      if (this.ctx.ownListeners.reaches(sock)) {
+        this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });
+        throw new BackendRefused('unavailable', `slot ${route.slot} (${route.host}:${port}) points at this proxy`);
+      }
       return { route, result: await dialogue(route, sock, tls) };
     } catch (e) {
       this.backendSocket?.destroy();
@@ -208,24 +232,50 @@ export abstract class PreauthConnection implements Expiring {
   }
 
   /**
-   * Hands the connection over to the splice. `toClient` is what the client must see first
-   * (the backend's answer to the login); nothing is parsed from here on.
+   * Logs in on the login's route and hands the connection to the splice. If an event changed
+   * the route while the backend login ran, that backend gets nothing from the client: we log
+   * out of it and log in once more on the new route (the credentials are still at hand); a
+   * second change fails the login as unavailable.
    */
-  splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): void {
+  async loginAndSplice<T extends BackendSession>(
+    protocol: Protocol,
+    login: string,
+    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    handover: (result: T) => Handover,
+  ): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      const { route, result } = await this.toBackend(protocol, login, dialogue);
+      const h = handover(result);
+      if (this.splice(protocol, route, result.socket, result.rest, h.toClient, h.farewell)) return;
+      this.ctx.registry.endedByEvents++;
+      logOut(result.socket, h.logout, this.ctx);
+      this.ctx.log.info('route changed during login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp, attempt });
+      if (attempt >= 2) throw new LoginFailed('unavailable', 'route changed during login');
+    }
+  }
+
+  /**
+   * Hands the connection over to the splice, unless the route no longer holds: an event may
+   * have changed it while we were logging in, and would have missed this session. Then
+   * nothing is written either way and false comes back. The check and the registration happen
+   * in one go, so any later event finds the session.
+   */
+  splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): boolean {
+    if (!this.ctx.router.stillValid(route)) return false;
     this.ctx.sweep.delete(this);
     const clientRest = this.reader.detach();
     if (this.socket.destroyed || this.socket.writableEnded) {
-      backend.destroy();
-      return;
+      backend.destroy(); // the client is gone (or we are shutting down): so is its backend session
+      return true;
     }
     this.ctx.counters.logins[protocol].ok++;
-    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx.registry, farewell);
+    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx, farewell);
     this.socket.write(toClient);
-    session.start(clientRest, backendRest);
-    // An event may have changed this route while we were logging in: it would have missed
-    // this session, so check once more now that the session is registered.
-    if (!this.ctx.router.stillValid(route)) session.end('route changed during login');
+    // The client may have half-closed (or left) while the backend login ran: its end of
+    // stream was read then and is passed on by start().
+    session.start(clientRest, backendRest, this.socket.readableEnded);
     this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp });
+    return true;
   }
 
   /** Records a failed login for metrics and the log. */
@@ -235,4 +285,20 @@ export abstract class PreauthConnection implements Expiring {
     const level = result === 'unavailable' ? 'warn' : 'info';
     this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message });
   }
+}
+
+/**
+ * Logs out of a backend session that is no longer the route, politely (the backend ends the
+ * session now rather than at its idle timeout), and closes the connection when it answers,
+ * or after the backend login deadline at the latest. Rare (a login that raced an event), so
+ * a closure or two here cost nothing.
+ */
+function logOut(sock: Socket, command: string, ctx: ProxyContext): void {
+  const bound = { deadline: Date.now() + ctx.backend.login_timeout_ms, expire: () => sock.destroy() };
+  ctx.sweep.add(bound);
+  sock.on('error', () => sock.destroy());
+  sock.once('close', () => ctx.sweep.delete(bound));
+  sock.on('end', () => sock.destroy());
+  sock.resume(); // its answer is read and dropped
+  sock.end(command);
 }

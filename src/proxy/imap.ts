@@ -1,4 +1,6 @@
 import type { Socket } from 'node:net';
+import type { BackendTlsConfig } from '../config.js';
+import type { Route } from '../lookup/model.js';
 import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
 import { decodePlain } from './sasl.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
@@ -165,7 +167,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
     const login = (creds.authzid ?? creds.authcid).toString('utf8');
     const { backend } = this.ctx;
     try {
-      const { route, result } = await this.toBackend('imap', login, (route, sock, tls) => {
+      const dialogue = (route: Route, sock: Socket, tls: BackendTlsConfig) => {
         // The backend may know the user by another name; a proxy-authorised login keeps its
         // own authcid and only the mailbox name changes.
         const mapped = Buffer.from(route.backendLogin, 'utf8');
@@ -176,9 +178,12 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
           clientPort: this.clientPort,
           forwardClientIp: backend.forward_client_ip,
         });
-      });
-      const head = result.untagged.map((l) => `${l}\r\n`).join('');
-      this.splice('imap', route, result.socket, result.rest, `${head}${tag} ${result.okText}\r\n`, imapFarewell);
+      };
+      await this.loginAndSplice('imap', login, dialogue, (result) => ({
+        toClient: `${result.untagged.map((l) => `${l}\r\n`).join('')}${tag} ${result.okText}\r\n`,
+        farewell: imapFarewell,
+        logout: 'Z LOGOUT\r\n',
+      }));
       return true;
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;

@@ -1,4 +1,6 @@
 import type { Socket } from 'node:net';
+import type { BackendTlsConfig } from '../config.js';
+import type { Route } from '../lookup/model.js';
 import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
 import { decodePlain } from './sasl.js';
 import { LineTooLong } from './lines.js';
@@ -201,7 +203,7 @@ export class Pop3Preauth extends PreauthConnection {
     const login = (creds.authzid ?? creds.authcid).toString('utf8');
     let backendSaid: string | undefined;
     try {
-      const { route, result } = await this.toBackend('pop3', login, async (route, sock, tls) => {
+      const dialogue = async (route: Route, sock: Socket, tls: BackendTlsConfig) => {
         const mapped = Buffer.from(route.backendLogin, 'utf8');
         const backendCreds: Pop3Credentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
         try {
@@ -215,8 +217,8 @@ export class Pop3Preauth extends PreauthConnection {
           if (e instanceof Pop3Refused) backendSaid = e.line;
           throw e;
         }
-      });
-      this.splice('pop3', route, result.socket, result.rest, `${result.okLine}\r\n`);
+      };
+      await this.loginAndSplice('pop3', login, dialogue, (result) => ({ toClient: `${result.okLine}\r\n`, logout: 'QUIT\r\n' }));
       return true;
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;

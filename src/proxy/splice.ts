@@ -1,6 +1,16 @@
 import type { Socket } from 'node:net';
 import type { Protocol, Route } from '../lookup/model.js';
+import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from './imap-framing.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
+import type { Expiring, Sweep } from './sweep.js';
+
+/** What every splice shares (one object per process, one pointer per session). */
+export interface SpliceEnv {
+  registry: SessionRegistry;
+  sweep: Sweep;
+  /** half_close_timeout_ms: how long a client may keep its side open after the backend closed. */
+  limits: { half_close_timeout_ms: number };
+}
 
 /** Bytes through all splices, for metrics (one add per chunk, no per-session counters). */
 export const spliceTotals = { clientToBackend: 0, backendToClient: 0 };
@@ -34,7 +44,7 @@ function onClientEnd(this: Socket): void {
   endOnce(sessionOf(this).backend);
 }
 function onBackendEnd(this: Socket): void {
-  endOnce(sessionOf(this).client);
+  sessionOf(this).backendEnded();
 }
 function onFailure(this: Socket): void {
   sessionOf(this).close();
@@ -44,12 +54,20 @@ function onBackendClose(this: Socket): void {
 }
 
 /**
- * A logged-in session: bytes both ways, no parsing, backpressure by pausing the faster side.
- * This object (and a pointer to it on each socket) is all the state a session keeps.
+ * A logged-in session: bytes both ways, backpressure by pausing the faster side. This object
+ * (and a pointer to it on each socket) is all the state a session keeps. For IMAP it follows
+ * the server's response framing (three numbers, see imap-framing.ts) so that an event's BYE
+ * goes only between two responses.
  */
-export class SplicedSession implements LiveSession {
-  /** Whether the last byte sent to the client ended a line, so a BYE may be put in. */
-  private atLineStart = true;
+export class SplicedSession implements LiveSession, FramingState, Expiring {
+  /** Framing of the backend-to-client stream (IMAP only): literal bytes still to come. */
+  litLeft = 0;
+  /** Framing: how the current response line ends so far. */
+  mark: number = Mark.START;
+  /** Framing: the literal count being read. */
+  markValue = 0;
+  /** Set while the backend has closed and the client's FIN is awaited (the shared sweep enforces it). */
+  deadline = 0;
   /** Set once the session is over: after that nothing is forwarded either way. */
   closed = false;
 
@@ -58,22 +76,29 @@ export class SplicedSession implements LiveSession {
     readonly route: Route,
     readonly client: Socket,
     readonly backend: Socket,
-    private readonly registry: SessionRegistry,
+    private readonly env: SpliceEnv,
     /** The line to send the client when an event ends the session, if the protocol has one. */
     private readonly farewell: ((reason: string) => string) | undefined,
   ) {}
 
-  /** Starts the splice; the pending buffers are bytes already read past the login. */
-  start(pendingToBackend: Buffer, pendingToClient: Buffer): void {
+  /**
+   * Starts the splice; the pending buffers are bytes already read past the login. When the
+   * client's end of stream was already read (it half-closed, or left, during the backend
+   * login), it is passed on now: the backend answers what was pipelined and then closes,
+   * and with it the session. Nothing of it may be left behind logged in.
+   */
+  start(pendingToBackend: Buffer, pendingToClient: Buffer, clientEnded = false): void {
     const { client, backend } = this;
     (client as SplicedSocket)[kSession] = this;
     (backend as SplicedSocket)[kSession] = this;
     client.on('data', onClientData).on('drain', onClientDrain).on('end', onClientEnd).on('error', onFailure).on('close', onFailure);
     backend.on('data', onBackendData).on('drain', onBackendDrain).on('end', onBackendEnd).on('error', onFailure).on('close', onBackendClose);
-    this.registry.add(this);
+    this.env.registry.add(this);
     if (pendingToBackend.length) backend.write(pendingToBackend);
+    if (clientEnded) endOnce(backend);
+    if (this.farewell) initialFraming(this);
     if (pendingToClient.length) {
-      this.atLineStart = pendingToClient[pendingToClient.length - 1] === 10;
+      if (this.farewell) trackFraming(this, pendingToClient);
       client.write(pendingToClient);
     }
     client.resume();
@@ -89,7 +114,7 @@ export class SplicedSession implements LiveSession {
   fromBackend(c: Buffer): void {
     if (this.closed) return;
     spliceTotals.backendToClient += c.length;
-    this.atLineStart = c[c.length - 1] === 10;
+    if (this.farewell) trackFraming(this, c);
     if (!this.client.write(c)) this.backend.pause();
   }
 
@@ -97,7 +122,7 @@ export class SplicedSession implements LiveSession {
   end(reason: string): void {
     if (this.closed) return;
     this.closed = true;
-    this.registry.remove(this);
+    this.env.registry.remove(this);
     // Nothing moves either way from here on. The old backend connection is closed once the
     // current batch of ended sessions has had its BYEs: an event ends thousands of sessions
     // in one loop, and closing each backend first (a close is as dear as the BYE's write)
@@ -105,17 +130,37 @@ export class SplicedSession implements LiveSession {
     this.client.pause();
     this.backend.pause();
     closeLater(this.backend);
-    // Mid-response (inside a literal) a BYE would corrupt what the client is parsing: then
-    // the connection is just closed, which every client handles as a lost connection.
-    if (this.farewell && this.atLineStart) this.client.write(this.farewell(reason));
+    // Mid-response (inside a literal, or a line half sent) a BYE would corrupt what the
+    // client is parsing: then the connection is just closed, which every client handles as
+    // a lost connection.
+    if (this.farewell && atResponseBoundary(this) && !this.client.writableEnded) this.client.write(this.farewell(reason));
     this.client.destroySoon();
+  }
+
+  /** The backend finished sending (e.g. after LOGOUT): pass it on, and bound the wait for the client's FIN. */
+  backendEnded(): void {
+    endOnce(this.client);
+    if (this.client.readableEnded || this.client.destroyed || this.deadline) return;
+    this.deadline = Date.now() + this.env.limits.half_close_timeout_ms;
+    this.env.sweep.add(this);
+  }
+
+  /** The client kept its side open too long after the backend closed. */
+  expire(): void {
+    this.deadline = 0;
+    this.close();
   }
 
   /** Either side failed, or the client went away: close both at once. */
   close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.registry.remove(this);
+    if (this.deadline) {
+      this.env.sweep.delete(this);
+      this.deadline = 0;
+    }
+    if (!this.closed) {
+      this.closed = true;
+      this.env.registry.remove(this);
+    }
     this.client.destroy();
     this.backend.destroy();
   }
@@ -124,8 +169,8 @@ export class SplicedSession implements LiveSession {
   closeSoon(): void {
     if (this.closed) return;
     this.closed = true;
-    this.registry.remove(this);
-    endOnce(this.client);
+    this.env.registry.remove(this);
+    this.backendEnded();
   }
 }
 
