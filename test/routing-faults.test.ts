@@ -8,6 +8,7 @@ import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { Route } from '../src/lookup/model.js';
 import { startServer, type RunningServer } from '../src/server.js';
+import { lmtpSend } from './harness/clients.js';
 import { startHoldRelay, type HoldRelay } from './harness/hold-relay.js';
 import { freePort } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
@@ -22,6 +23,7 @@ let world: World;
 let server: RunningServer;
 let imapPort: number;
 let pop3Port: number;
+let lmtpPort: number;
 let relayImap: HoldRelay;
 let relayPop3: HoldRelay;
 const logLines: string[] = [];
@@ -33,10 +35,11 @@ beforeAll(async () => {
   relayPop3 = await startHoldRelay({ host: world.slotA.host, port: world.slotA.pop3 });
   imapPort = await freePort('127.0.0.1');
   pop3Port = await freePort('127.0.0.1');
+  lmtpPort = await freePort('127.0.0.1');
   const routes = worldRoutes(world);
   routes.slots.slotA = { host: '127.0.0.1', imap: String(relayImap.port), pop3: String(relayPop3.port), status: 'up' };
   // A slot record that points back at the proxy's own listeners.
-  routes.slots.slotLoop = { host: '127.0.0.1', imap: String(imapPort), pop3: String(pop3Port), status: 'up' };
+  routes.slots.slotLoop = { host: '127.0.0.1', imap: String(imapPort), pop3: String(pop3Port), lmtp: String(lmtpPort), status: 'up' };
   routes.stores.store3 = { master: 'slotLoop', replicas: '', status: 'active', epoch: '1' };
   routes.users['loop@example.com'] = { store: 'store3' };
   await seedRedis(world.redis!.url, routes);
@@ -45,6 +48,7 @@ beforeAll(async () => {
       listeners: [
         { protocol: 'imap', address: '127.0.0.1', port: imapPort },
         { protocol: 'pop3', address: '127.0.0.1', port: pop3Port },
+        { protocol: 'lmtp', address: '127.0.0.1', port: lmtpPort },
       ],
       lookup: { redis: { url: world.redis!.url } },
       limits: { half_close_timeout_ms: 300, connections_per_ip: 100 },
@@ -301,6 +305,13 @@ describe('a slot that points back at the proxy', () => {
     expect(loops.some((l) => l.includes('"slot":"slotLoop"') && l.includes('"level":"error"') && l.includes('"protocol":"imap"'))).toBe(true);
     expect(loops.some((l) => l.includes('"protocol":"pop3"'))).toBe(true);
     expect(server.ctx.counters.rejectedConnections).toBe(rejected);
+  });
+
+  it('is refused for LMTP too: 451 after DATA, the message stays with the sender', async () => {
+    const r = await lmtpSend('127.0.0.1', lmtpPort, ['loop@example.com'], 'Subject: loop\n\nx\n');
+    expect(r.rcptReplies[0]).toMatch(/^250/);
+    expect(r.dataReplies[0]).toMatch(/^451 /);
+    expect(logLines.some((l) => l.includes('"routing loop: slot points at this proxy"') && l.includes('"protocol":"lmtp"') && l.includes('"slot":"slotLoop"'))).toBe(true);
   });
 });
 
