@@ -59,7 +59,7 @@ export function createMetrics(ctx: ProxyContext): Registry {
   simple('mailsplice_route_events_total', 'Change events applied', () => stats.events);
   simple('mailsplice_route_resyncs_total', 'Full resyncs after the event stream was lost', () => stats.resyncs);
   simple('mailsplice_route_events_live', '1 while change events are flowing', () => (stats.live ? 1 : 0), 'gauge');
-  simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route', () => ctx.registry.endedByEvents);
+  simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route (a login whose route changed while it ran counts too)', () => ctx.registry.endedByEvents);
   simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
   simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);
   registerLmtpMetrics(registry);
