@@ -1,7 +1,4 @@
 import net from 'node:net';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { parseConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
@@ -13,6 +10,7 @@ import { startHoldRelay, type HoldRelay } from './harness/hold-relay.js';
 import { freePort } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
 import { changeInRedis, seedRedis, worldRoutes } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // Routing under faults (issue 13), against real Dovecot and Redis: a login that races a
 // failover, clients that leave during the backend login, a BYE that must not land inside a
@@ -54,7 +52,7 @@ beforeAll(async () => {
       limits: { half_close_timeout_ms: 300, connections_per_ip: 100 },
     },
     'test config',
-    mkdtempSync(join(tmpdir(), 'mailsplice-faults-')),
+    tempDir('faults'),
   );
   server = await startServer(cfg, createLogger('info', (l) => void logLines.push(l)));
 });
