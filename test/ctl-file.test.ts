@@ -3,6 +3,7 @@ import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runCtl } from '../src/ctl.js';
 import { FileSource, parseModel } from '../src/lookup/file.js';
+import { MalformedRecord } from '../src/lookup/model.js';
 import type { ChangeEvent } from '../src/lookup/source.js';
 import { tempDir } from './support/tmp.js';
 
@@ -79,7 +80,7 @@ describe('ctl against the routes file', () => {
       expect(await src.readRoute('alice@example.com')).toMatchObject({ store: { master: 'slotB', epoch: 6 }, slot: { host: '127.0.0.12' } });
       expect((await ctl(file, 'lock', 'user', 'alice@example.com')).code).toBe(0);
       await expect.poll(() => seen, { timeout: 5000 }).toContainEqual({ kind: 'user', id: 'alice@example.com' });
-      expect((await src.readRoute('alice@example.com')).user?.status).toBe('locked');
+      expect((await src.readRoute('alice@example.com')).user).toMatchObject({ status: 'locked' });
     } finally {
       await src.close();
     }
@@ -93,7 +94,7 @@ describe('ctl against the routes file', () => {
     expect(model.users.size).toBe(22);
     const locks = await Promise.all(Array.from({ length: 6 }, (_, i) => ctl(file, i % 2 ? 'unlock' : 'lock', 'store', 'store1')));
     const changed = locks.filter((r) => !/already/.test(r.out)).length;
-    expect(parseModel(readFileSync(file, 'utf8')).stores.get('store1')?.epoch).toBe(5 + changed);
+    expect(parseModel(readFileSync(file, 'utf8')).stores.get('store1')).toMatchObject({ epoch: 5 + changed });
   });
 
   it('creates a new file on import, and writes JSON files back as JSON', async () => {
@@ -134,7 +135,12 @@ describe('ctl against the routes file', () => {
 
 /** The ROUTES document as plain JSON (what a .json routes file holds). */
 function parseModelAsJson(yamlText: string): unknown {
-  const lines = parseModel(yamlText);
+  const model = parseModel(yamlText);
+  const ok = <T>(m: Map<string, T | MalformedRecord>) => [...m].map(([k, v]): [string, T] => {
+    if (v instanceof MalformedRecord) throw new Error(`${v.key}: ${v.problem}`);
+    return [k, v];
+  });
+  const lines = { users: ok(model.users), stores: ok(model.stores), slots: ok(model.slots) };
   const obj = (m: Map<string, object>) => Object.fromEntries(m);
   return {
     users: Object.fromEntries([...lines.users].map(([k, u]) => [k, { store: u.store, ...(u.backendLogin ? { backend_login: u.backendLogin } : {}) }])),

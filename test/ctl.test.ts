@@ -333,7 +333,7 @@ describe('mailsplice ctl in-process', () => {
       ]);
       const [store] = await src.readObjects([{ kind: 'store', id: 'store1' }]);
       expect(store).toEqual({ master: 'slotC', replicas: ['slotB', 'slotA'], status: 'active', epoch: 7 });
-      expect((await src.readRoute('alice@example.com')).slot?.host).toBe('127.0.0.13');
+      expect((await src.readRoute('alice@example.com')).slot).toMatchObject({ host: '127.0.0.13' });
     } finally {
       await src.close();
     }

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { LookupFailure, type SlotRecord, type StoreRecord, type UserRecord } from '../src/lookup/model.js';
 import { Router, type ChangeListener } from '../src/lookup/router.js';
-import type { ChangeEvent, ObjectRecord, RouteRecords, RouteSource } from '../src/lookup/source.js';
+import type { ChangeEvent, ObjectRecord, ReadResult, RouteRecords, RouteSource } from '../src/lookup/source.js';
 
 // The routing cache's rules, against an in-memory source (pure logic: the real sources are
 // exercised against Redis and files in the integration suites).
@@ -55,7 +55,7 @@ function setup(maxStaleMs = 0) {
   src.stores.set('s1', { master: 'A', replicas: ['B'], status: 'active', epoch: 1 });
   src.slots.set('A', { host: '127.0.0.11', ports: { imap: 143 }, status: 'up' });
   src.slots.set('B', { host: '127.0.0.12', ports: { imap: 143 }, status: 'up' });
-  const changes: [ChangeEvent, ObjectRecord | undefined][] = [];
+  const changes: [ChangeEvent, ReadResult][] = [];
   const listener: ChangeListener = { changed: (ev, rec) => changes.push([ev, rec]), held: () => [] };
   const router = new Router(src, { maxCachedUsers: 2, maxStaleMs });
   router.addListener(listener);

@@ -1,8 +1,18 @@
 import { readFileSync, watch, type FSWatcher } from 'node:fs';
 import { basename, dirname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { normalizeLogin, parseSlot, parseStore, parseUser, type SlotRecord, type StoreRecord, type UserRecord } from './model.js';
-import type { ChangeEvent, ObjectRecord, RouteRecords, RouteSource } from './source.js';
+import {
+  MalformedRecord,
+  normalizeLogin,
+  parseOrMalformed,
+  parseSlot,
+  parseStore,
+  parseUser,
+  type SlotRecord,
+  type StoreRecord,
+  type UserRecord,
+} from './model.js';
+import type { ChangeEvent, ReadResult, RouteRecords, RouteSource } from './source.js';
 
 /**
  * The embedded default: the same model as the Redis contract, in one YAML (or JSON) file:
@@ -13,16 +23,26 @@ import type { ChangeEvent, ObjectRecord, RouteRecords, RouteSource } from './sou
  *
  * Field names are those of the Redis hashes. The file is re-read when it changes; every
  * object that differs from the last good read becomes a change event, exactly as if a
- * tool had published it. A file that fails to parse is reported and the last good model
- * stays in force (a half-written file must not drop every route).
+ * tool had published it. A file that fails to parse as a whole (YAML syntax, a section
+ * that is not a mapping) is reported and the last good model stays in force (a
+ * half-written file must not drop every route). One entry that does not parse is that
+ * object alone: it is held as a `MalformedRecord` (its sessions end, its logins get a
+ * temporary error) and every other entry applies.
  */
 export interface FileModel {
-  users: Map<string, UserRecord>;
-  stores: Map<string, StoreRecord>;
-  slots: Map<string, SlotRecord>;
+  users: Map<string, UserRecord | MalformedRecord>;
+  stores: Map<string, StoreRecord | MalformedRecord>;
+  slots: Map<string, SlotRecord | MalformedRecord>;
 }
 
-type RawSection = Record<string, Record<string, string | number | string[]>>;
+type RawSection = Record<string, unknown>;
+
+/** An entry's fields, or a non-mapping entry as one that cannot parse. */
+function entry(v: unknown): Record<string, unknown> | undefined {
+  if (v === null || v === undefined) return undefined;
+  if (typeof v !== 'object' || Array.isArray(v)) return { '': v }; // parsers refuse: no store/host
+  return v as Record<string, unknown>;
+}
 
 function section(doc: Record<string, unknown>, name: string): RawSection {
   const v = doc[name];
@@ -40,21 +60,26 @@ export function parseModel(text: string, defaultDomain?: string): FileModel {
   const model: FileModel = { users: new Map(), stores: new Map(), slots: new Map() };
   for (const [id, f] of Object.entries(section(doc, 'users'))) {
     const login = normalizeLogin(id, defaultDomain);
-    const u = parseUser(f, login);
+    const u = parseOrMalformed(`users.${id}`, () => parseUser(entry(f), login));
     if (u) model.users.set(login, u);
   }
   for (const [id, f] of Object.entries(section(doc, 'stores'))) {
-    const s = parseStore(f, id);
+    const s = parseOrMalformed(`stores.${id}`, () => parseStore(entry(f), id));
     if (s) model.stores.set(id, s);
   }
   for (const [id, f] of Object.entries(section(doc, 'slots'))) {
-    const s = parseSlot(f, id);
+    const s = parseOrMalformed(`slots.${id}`, () => parseSlot(entry(f), id));
     if (s) model.slots.set(id, s);
   }
   return model;
 }
 
-function lookup(model: FileModel, o: ChangeEvent): ObjectRecord | undefined {
+/** The entries of a model that do not parse. */
+export function malformedEntries(model: FileModel): MalformedRecord[] {
+  return [...model.users.values(), ...model.stores.values(), ...model.slots.values()].filter((r) => r instanceof MalformedRecord);
+}
+
+function lookup(model: FileModel, o: ChangeEvent): ReadResult {
   if (o.kind === 'user') return model.users.get(o.id);
   if (o.kind === 'store') return model.stores.get(o.id);
   return model.slots.get(o.id);
@@ -82,6 +107,8 @@ export class FileSource implements RouteSource {
   private watcher: FSWatcher | undefined;
   private debounce: NodeJS.Timeout | undefined;
   private onChange: (ev: ChangeEvent) => void = () => {};
+  /** Reads of the file after the first: how many applied, how many were refused as a whole. */
+  readonly stats = { reloads: 0, reloadFailures: 0 };
 
   constructor(
     private readonly path: string,
@@ -90,6 +117,11 @@ export class FileSource implements RouteSource {
   ) {
     // A bad file at start-up is fatal (the operator is watching); later it is only logged.
     this.model = parseModel(readFileSync(path, 'utf8'), defaultDomain);
+    this.reportMalformed(this.model);
+  }
+
+  private reportMalformed(model: FileModel): void {
+    for (const m of malformedEntries(model)) this.onError(new Error(`routes file ${this.path}: ${m.key} is unreadable, treated as locked: ${m.problem}`));
   }
 
   async ready(): Promise<boolean> {
@@ -98,12 +130,13 @@ export class FileSource implements RouteSource {
 
   async readRoute(login: string): Promise<RouteRecords> {
     const user = this.model.users.get(login);
-    const store = user ? this.model.stores.get(user.store) : undefined;
-    const slot = store ? this.model.slots.get(store.master) : undefined;
-    return { user, store, slot };
+    if (!user || user instanceof MalformedRecord) return { user };
+    const store = this.model.stores.get(user.store);
+    if (!store || store instanceof MalformedRecord) return { user, store };
+    return { user, store, slot: this.model.slots.get(store.master) };
   }
 
-  async readObjects(objs: readonly ChangeEvent[]): Promise<(ObjectRecord | undefined)[]> {
+  async readObjects(objs: readonly ChangeEvent[]): Promise<ReadResult[]> {
     return objs.map((o) => lookup(this.model, o));
   }
 
@@ -126,9 +159,12 @@ export class FileSource implements RouteSource {
     try {
       next = parseModel(readFileSync(this.path, 'utf8'), this.defaultDomain);
     } catch (e) {
+      this.stats.reloadFailures++;
       this.onError(new Error(`routes file ${this.path} not reloaded: ${(e as Error).message}`));
       return [];
     }
+    this.stats.reloads++;
+    this.reportMalformed(next);
     const changes = diffModels(this.model, next);
     this.model = next;
     for (const ev of changes) this.onChange(ev);

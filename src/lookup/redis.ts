@@ -1,12 +1,19 @@
-import { Redis, type RedisOptions } from 'ioredis';
-import { parseSlot, parseStore, parseUser } from './model.js';
-import { parseEvent, type ChangeEvent, type ObjectRecord, type RouteRecords, type RouteSource } from './source.js';
+import { Redis, ReplyError, type RedisOptions } from 'ioredis';
+import { MalformedRecord, parseOrMalformed, parseSlot, parseStore, parseUser, type ObjectRecord } from './model.js';
+import { parseEvent, type ChangeEvent, type ReadResult, type RouteRecords, type RouteSource } from './source.js';
 
 export interface RedisSourceOptions {
   url: string;
   prefix: string;
   /** A lookup that takes longer than this fails as "unavailable" instead of hanging a login. */
   commandTimeoutMs: number;
+  /** How often the subscriber connection is PINGed (ms). */
+  heartbeatMs?: number;
+  /**
+   * Silence on the subscriber connection (no PONG, no message) longer than this counts as
+   * "events lost": the connection is dropped and made again, and the Router resyncs (ms).
+   */
+  heartbeatTimeoutMs?: number;
   onError?: (err: Error) => void;
 }
 
@@ -45,6 +52,7 @@ export class RedisSource implements RouteSource {
   private readonly cmd: Redis;
   private sub: Redis | undefined;
   private readonly prefix: string;
+  private heartbeat: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: RedisSourceOptions) {
     this.prefix = opts.prefix;
@@ -66,6 +74,10 @@ export class RedisSource implements RouteSource {
     };
   }
 
+  private key(kind: ChangeEvent['kind'], id: string): string {
+    return `${this.prefix}${kind}:${id}`;
+  }
+
   ready(timeoutMs: number): Promise<boolean> {
     if (this.cmd.status === 'ready') return Promise.resolve(true);
     return new Promise((resolve) => {
@@ -83,21 +95,28 @@ export class RedisSource implements RouteSource {
   async readRoute(login: string): Promise<RouteRecords> {
     const reply = (await this.cmd.eval(READ_ROUTE, 0, this.prefix, login)) as unknown[];
     const [u, s, sl] = reply.map(pairs) as [Hash, Hash, Hash];
-    const user = parseUser(u, login);
-    const store = user ? parseStore(s, user.store) : undefined;
-    const slot = store ? parseSlot(sl, store.master) : undefined;
+    // Each record parsed on its own: a bad one is reported as such, not as "Redis down".
+    const user = parseOrMalformed(this.key('user', login), () => parseUser(u, login));
+    if (!user || user instanceof MalformedRecord) return { user };
+    const store = parseOrMalformed(this.key('store', user.store), () => parseStore(s, user.store));
+    if (!store || store instanceof MalformedRecord || !store.master) return { user, store };
+    const slot = parseOrMalformed(this.key('slot', store.master), () => parseSlot(sl, store.master));
     return { user, store, slot };
   }
 
-  async readObjects(objs: readonly ChangeEvent[]): Promise<(ObjectRecord | undefined)[]> {
+  async readObjects(objs: readonly ChangeEvent[]): Promise<ReadResult[]> {
     if (objs.length === 0) return [];
     const pipe = this.cmd.pipeline();
-    for (const o of objs) pipe.hgetall(`${this.prefix}${o.kind}:${o.id}`);
+    for (const o of objs) pipe.hgetall(this.key(o.kind, o.id));
     const results = (await pipe.exec()) ?? [];
     return objs.map((o, i) => {
       const [err, h] = results[i] ?? [new Error('no reply'), undefined];
+      const key = this.key(o.kind, o.id);
+      // Redis answered for this key, with an error (WRONGTYPE: not a hash): that object is
+      // unusable, the others are not. Anything else (connection lost) fails the batch.
+      if (err instanceof ReplyError) return new MalformedRecord(key, `${key}: ${(err as Error).message}`);
       if (err) throw err;
-      return parseRecord(o.kind, h as Hash, o.id);
+      return parseOrMalformed(key, () => parseRecord(o.kind, h as Hash, o.id));
     });
   }
 
@@ -111,13 +130,33 @@ export class RedisSource implements RouteSource {
       maxRetriesPerRequest: null,
       commandTimeout: undefined,
       autoResubscribe: false,
+      autoResendUnfulfilledCommands: false,
     });
     this.sub = sub;
+    // A connection can stay up and deliver nothing (a hung relay, a half-dead path): TCP
+    // will not tell for minutes. So the subscriber is PINGed (allowed in subscribed mode)
+    // and anything heard from it (PONG, message, the SUBSCRIBE reply) counts as alive;
+    // silence past heartbeatTimeoutMs is treated like a lost connection. One timer for
+    // the process, whatever the number of sessions.
+    let subscribed = false;
+    let lastHeard = Date.now();
+    let pinging = false;
+    const heard = () => (lastHeard = Date.now());
     sub.on('error', (e: Error) => this.opts.onError?.(e));
-    sub.on('close', () => live(false));
+    sub.on('connect', heard); // the silence of a new connection counts from here
+    sub.on('close', () => {
+      subscribed = false;
+      pinging = false;
+      live(false);
+    });
     sub.on('ready', () => {
+      heard();
       sub.subscribe(channel).then(
-        () => live(true),
+        () => {
+          heard();
+          subscribed = true;
+          live(true);
+        },
         (e: Error) => {
           this.opts.onError?.(e);
           sub.disconnect(true);
@@ -125,14 +164,45 @@ export class RedisSource implements RouteSource {
       );
     });
     sub.on('message', (ch: string, text: string) => {
+      heard();
       if (ch !== channel) return;
       const ev = parseEvent(text);
       if (ev) onChange(ev);
       else this.opts.onError?.(new Error(`ignored malformed event on ${channel}: ${text.slice(0, 200)}`));
     });
+    const every = this.opts.heartbeatMs ?? 1000;
+    const bound = this.opts.heartbeatTimeoutMs ?? 3000;
+    this.heartbeat = setInterval(() => {
+      const silent = Date.now() - lastHeard;
+      if (silent > bound && (sub.status === 'connect' || sub.status === 'ready')) {
+        // Counted from the last thing heard, or from the TCP connect: a ready check or a
+        // SUBSCRIBE that never comes back is the same silence as a PING that does not.
+        this.opts.onError?.(new Error(`no answer on the event subscription for ${silent} ms; reconnecting`));
+        subscribed = false;
+        pinging = false;
+        lastHeard = Date.now();
+        live(false);
+        // disconnect() only half-closes (FIN), which a stalled peer never answers: destroy
+        // the socket so that 'close' fires and ioredis reconnects now.
+        sub.stream?.destroy();
+        return;
+      }
+      if (subscribed && !pinging) {
+        pinging = true;
+        sub.ping().then(
+          () => {
+            pinging = false;
+            heard();
+          },
+          () => (pinging = false),
+        );
+      }
+    }, every);
+    this.heartbeat.unref();
   }
 
   async close(): Promise<void> {
+    clearInterval(this.heartbeat);
     this.sub?.disconnect();
     this.cmd.disconnect();
   }

@@ -1,6 +1,6 @@
-import type { Protocol, Route } from '../lookup/model.js';
-import { staleReason, type ChangeListener } from '../lookup/router.js';
-import type { ChangeEvent, ObjectRecord } from '../lookup/source.js';
+import { staleReason, type Protocol, type Route } from '../lookup/model.js';
+import type { ChangeListener } from '../lookup/router.js';
+import type { ChangeEvent, ReadResult } from '../lookup/source.js';
 
 /** A logged-in, spliced session, as the registry sees it. */
 export interface LiveSession {
@@ -66,9 +66,10 @@ export class SessionRegistry implements ChangeListener {
     return [...(index.get(id) ?? [])];
   }
 
-  changed(ev: ChangeEvent, rec: ObjectRecord | undefined): void {
+  /** An object was re-read (event or resync): end the sessions the model's rule says are stale. */
+  changed(ev: ChangeEvent, rec: ReadResult): void {
     for (const s of this.sessionsOf(ev.kind, ev.id)) {
-      const reason = staleReason(ev, rec, s.route);
+      const reason = staleReason(ev.kind, rec, s.route);
       if (reason) {
         this.remove(s);
         this.endedByEvents++;
