@@ -78,11 +78,20 @@ const sections = z.strictObject({
           url: z.string().default('redis://127.0.0.1:6379'),
           prefix: z.string().default('ms:'),
           command_timeout_ms: z.number().int().positive().default(2000),
+          /** How often the event subscription is PINGed. */
+          heartbeat_ms: z.number().int().positive().default(1000),
+          /** Silence on the event subscription past this counts as "events lost". */
+          heartbeat_timeout_ms: z.number().int().positive().default(3000),
         })
+        .refine((r) => r.heartbeat_timeout_ms > r.heartbeat_ms, { path: ['heartbeat_timeout_ms'], message: 'must be more than heartbeat_ms' })
         .optional(),
       default_domain: z.string().optional(),
       cache_users: z.number().int().positive().default(1_000_000),
       max_stale_ms: z.number().int().nonnegative().default(5000),
+      /** A resync that finds more than this share of the known routes gone is a lookup failure (1: never). */
+      max_resync_removed: z.number().min(0).max(1).default(0.5),
+      /** Failed resyncs are retried with exponential backoff up to this. */
+      resync_retry_max_ms: z.number().int().min(500).default(30_000),
     })
     .superRefine((l, ctx) => {
       if (!l.file === !l.redis) ctx.addIssue({ code: 'custom', message: 'set exactly one of lookup.file or lookup.redis' });

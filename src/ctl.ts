@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util';
 import { COMMANDS, type Command, type OptionSpec, type Values } from './ctl/commands.js';
 import { CtlError, EXIT, usageError } from './ctl/errors.js';
 import { openTarget } from './ctl/target.js';
+import { RefusedRecord } from './lookup/admin.js';
 
 export { EXIT } from './ctl/errors.js';
 
@@ -109,7 +110,7 @@ export async function runCtl(argv: string[], io: CtlIo = processIo): Promise<num
     }
     return EXIT.ok;
   } catch (e) {
-    const err = e instanceof CtlError ? e : new CtlError(EXIT.runtime, e instanceof Error ? e.message : String(e));
+    const err = e instanceof CtlError ? e : e instanceof RefusedRecord ? usageError(e.message) : new CtlError(EXIT.runtime, e instanceof Error ? e.message : String(e));
     const hint = err.exit === EXIT.usage && command && /^(missing|too many|usage)/.test(err.message) ? `\n${command.help.split('\n\n')[0]}` : '';
     io.stderr(`mailsplice ctl: ${err.message}${hint}\n`);
     return err.exit;

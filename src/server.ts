@@ -45,7 +45,7 @@ function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLi
 export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
   if (cfg.lookup.redis) {
     const r = cfg.lookup.redis;
-    return new RedisSource({ url: r.url, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, onError });
+    return new RedisSource({ url: r.url, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, heartbeatMs: r.heartbeat_ms, heartbeatTimeoutMs: r.heartbeat_timeout_ms, onError });
   }
   return new FileSource(cfg.lookup.file!, cfg.lookup.default_domain, onError);
 }
@@ -57,6 +57,9 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     defaultDomain: cfg.lookup.default_domain,
     maxCachedUsers: cfg.lookup.cache_users,
     maxStaleMs: cfg.lookup.max_stale_ms,
+    maxResyncRemoved: cfg.lookup.max_resync_removed,
+    resyncRetryMaxMs: cfg.lookup.resync_retry_max_ms,
+    log,
     onError: cfg.lookup.redis ? lookupLog.onError : (e) => log.warn('router', { error: e.message }),
     onLive: (live, resynced) => {
       lookupLog.onLive(live);

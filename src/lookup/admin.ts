@@ -6,6 +6,7 @@
 // behave the same whichever backend they drive.
 
 import {
+  RecordError,
   parseSlot,
   parseStore,
   parseUser,
@@ -126,6 +127,14 @@ export function fromDoc(v: unknown): Hash {
 
 // ---- Transactions ---------------------------------------------------------------------------
 
+/** A write refused because the record it would store does not parse (ctl: exit 2). */
+export class RefusedRecord extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'RefusedRecord';
+  }
+}
+
 const refKey = (kind: ObjectKind, id: string) => `${kind}\0${id}`;
 
 function tryParse<T>(f: () => T): T | undefined {
@@ -180,6 +189,14 @@ export class Tx {
    * than the epoch read, so every change raises it and racing writers cannot both win.
    */
   put<K extends ObjectKind>(kind: K, id: string, rec: RecordOf[K], extra: Hash = {}): boolean {
+    // Never write what the proxies would read as unusable (a port like 53143.0, a slot at
+    // 0.0.0.0): the same parsers decide, so ctl and the proxies cannot disagree.
+    try {
+      parseAs(kind, fieldsOf(kind, rec), id);
+    } catch (e) {
+      if (e instanceof RecordError) throw new RefusedRecord(e.message);
+      throw e;
+    }
     const cur = this.hash(kind, id);
     // A malformed object is overwritten, not an obstacle: `set` is how an operator repairs it.
     const curRec = tryParse(() => parseAs(kind, cur, id));
