@@ -301,7 +301,8 @@ describe('slot records (item 8)', () => {
     const p = await startProxy({ redis: { url: redisUrl } });
     await expect.poll(() => p.server.router.stats.live).toBe(true);
     const slotA = worldRoutes(world).slots.slotA!;
-    for (const bad of [{ imap: `${slotA.imap}.0` }, { imap: `0x${Number(slotA.imap).toString(16)}` }, { host: '0.0.0.0' }, { host: '::' }]) {
+    const bads: Record<string, string>[] = [{ imap: `${slotA.imap}.0` }, { imap: `0x${Number(slotA.imap).toString(16)}` }, { host: '0.0.0.0' }, { host: '::' }];
+    for (const bad of bads) {
       await changeInRedis(redisUrl, 'slot', 'slotA', { ...slotA, ...bad });
       await expect.poll(() => landsOn(p.port, 'alice@example.com', 'alicepw')).toMatch(/^a NO \[UNAVAILABLE\] /);
       expect(p.logged(/"level":"error".*"key":"ms:slot:slotA"/)).toBe(true);

@@ -163,26 +163,26 @@ export class RecordError extends Error {
 type Fields = Readonly<Record<string, unknown>>;
 
 /** A scalar field as trimmed text; a list (replicas in YAML) as a comma list. */
-function str(v: unknown, what: string): string | undefined {
+function str(v: unknown, what: string, field: string): string | undefined {
   if (v === undefined || v === null) return undefined;
   let s: string;
   if (typeof v === 'string') s = v;
   else if (typeof v === 'number' && Number.isFinite(v)) s = String(v);
   else if (Array.isArray(v) && v.every((x) => typeof x === 'string' || (typeof x === 'number' && Number.isFinite(x)))) s = v.join(',');
-  else throw new RecordError(`${what}: not a string`);
+  else throw new RecordError(`${what}: ${field} is not a string`);
   s = s.trim();
   return s === '' ? undefined : s;
 }
 
 /** Ports are decimal integers 1-65535 written plainly: not `0x0d017`, `53143.0`, `1e3` or `0143`. */
-function port(v: unknown, what: string): number | undefined {
+function port(v: unknown, what: string, field: string): number | undefined {
   if (typeof v === 'number') {
-    if (!Number.isInteger(v) || v < 1 || v > 65535) throw new RecordError(`${what}: bad port ${v}`);
+    if (!Number.isInteger(v) || v < 1 || v > 65535) throw new RecordError(`${what}: bad ${field} port ${v} (a decimal integer 1-65535)`);
     return v;
   }
-  const s = str(v, what);
+  const s = str(v, what, field);
   if (s === undefined) return undefined;
-  if (!/^[1-9][0-9]{0,4}$/.test(s) || Number(s) > 65535) throw new RecordError(`${what}: bad port ${JSON.stringify(s)} (a decimal integer 1-65535)`);
+  if (!/^[1-9][0-9]{0,4}$/.test(s) || Number(s) > 65535) throw new RecordError(`${what}: bad ${field} port ${JSON.stringify(s)} (a decimal integer 1-65535)`);
   return Number(s);
 }
 
@@ -231,7 +231,7 @@ export function parseOrMalformed<T>(key: string, parse: () => T | undefined): T 
 }
 
 function status<T extends string>(v: unknown, allowed: readonly T[], fallback: T, what: string): T {
-  const s = str(v, `${what} status`) ?? fallback;
+  const s = str(v, what, 'status') ?? fallback;
   if (!(allowed as readonly string[]).includes(s)) throw new RecordError(`${what}: bad status ${JSON.stringify(s)} (${allowed.join(' or ')})`);
   return s as T;
 }
@@ -244,10 +244,10 @@ function present(f: Fields | undefined | null): f is Fields {
 export function parseUser(f: Fields | undefined, id: string): UserRecord | undefined {
   if (!present(f)) return undefined;
   const what = `user ${id}`;
-  const store = str(f.store, `${what} store`);
+  const store = str(f.store, what, 'store');
   if (!store) throw new RecordError(`${what}: no store`);
   const st = status(f.status, ['active', 'locked'] as const, 'active', what);
-  const backendLogin = str(f.backend_login, `${what} backend_login`);
+  const backendLogin = str(f.backend_login, what, 'backend_login');
   return backendLogin ? { store, status: st, backendLogin } : { store, status: st };
 }
 
@@ -256,27 +256,27 @@ export function parseStore(f: Fields | undefined, id: string): StoreRecord | und
   if (!present(f)) return undefined;
   const what = `store ${id}`;
   const st = status(f.status, ['active', 'locked'] as const, 'active', what);
-  const rawEpoch = str(f.epoch, `${what} epoch`) ?? '0';
+  const rawEpoch = str(f.epoch, what, 'epoch') ?? '0';
   if (!/^(0|[1-9][0-9]*)$/.test(rawEpoch) || !Number.isSafeInteger(Number(rawEpoch))) throw new RecordError(`${what}: bad epoch ${JSON.stringify(rawEpoch)}`);
-  const replicas = (str(f.replicas, `${what} replicas`) ?? '')
+  const replicas = (str(f.replicas, what, 'replicas') ?? '')
     .split(',')
     .map((s) => s.trim())
     .filter(Boolean);
-  return { master: str(f.master, `${what} master`) ?? '', replicas, status: st, epoch: Number(rawEpoch) };
+  return { master: str(f.master, what, 'master') ?? '', replicas, status: st, epoch: Number(rawEpoch) };
 }
 
 /** Parses a slot hash; an empty hash means "no such slot". Throws `RecordError` on malformed data. */
 export function parseSlot(f: Fields | undefined, id: string): SlotRecord | undefined {
   if (!present(f)) return undefined;
   const what = `slot ${id}`;
-  const host = str(f.host, `${what} host`);
+  const host = str(f.host, what, 'host');
   if (!host) throw new RecordError(`${what}: no host`);
   const bad = unusableHost(host);
   if (bad) throw new RecordError(`${what}: unusable host ${JSON.stringify(host)} (${bad})`);
   const st = status(f.status, ['up', 'down'] as const, 'up', what);
   const ports: Partial<Record<Protocol, number>> = {};
   for (const p of ['imap', 'pop3', 'lmtp'] as const) {
-    const n = port(f[p], `${what} ${p}`);
+    const n = port(f[p], what, p);
     if (n !== undefined) ports[p] = n;
   }
   return { host, ports, status: st };
