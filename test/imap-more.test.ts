@@ -1,6 +1,7 @@
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FileSource } from '../src/lookup/file.js';
 import { makeCA, makeCert, type CertFiles } from './harness/certs.js';
 import { connectLines, type LineClient } from './harness/lines.js';
 import { startWorld, type World } from './harness/world.js';
@@ -117,10 +118,15 @@ describe('embedded file lookup', () => {
 
   it('keeps the last good routes when the file is broken', async () => {
     const { writeFileSync } = await import('node:fs');
+    const file = proxy.server.router.source as FileSource;
+    const refused = file.stats.reloadFailures;
     writeFileSync(routesFile, 'users: [this is: not valid');
-    await new Promise((r) => setTimeout(r, 300));
+    // Wait until the proxy has read the broken file and refused it, then check it routes as before.
+    await expect.poll(() => file.stats.reloadFailures).toBeGreaterThan(refused);
     expect(await loginLands('alice@example.com', 'alicepw')).toBe('Subject: on slotA');
+    const reloads = file.stats.reloads;
     writeRoutesFile(routesFile, routes);
+    await expect.poll(() => file.stats.reloads).toBeGreaterThan(reloads);
   });
 });
 

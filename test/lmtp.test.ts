@@ -471,9 +471,14 @@ describe('protocol', () => {
     for (let i = 0; i < 2; i++) await c.line();
     expect(await c.line()).toMatch(/^354/);
     c.write(`Subject: ${subject}\r\n\r\nhalf a message\r\n`);
-    await new Promise((r) => setTimeout(r, 200));
+    const aliceLegs = () => proxy.server.ctx.registry.sessionsOf('user', 'alice@example.com').filter((s) => s.protocol === 'lmtp').length;
+    // The backend leg is open (registered) before the client goes away...
+    await expect.poll(aliceLegs).toBeGreaterThan(0);
+    const open = lmtpTotals.connections;
     c.socket.destroy();
-    await new Promise((r) => setTimeout(r, 500));
+    // ...and the proxy has seen the client go and given up the leg before we look.
+    await expect.poll(() => lmtpTotals.connections).toBeLessThan(open);
+    await expect.poll(aliceLegs).toBe(0);
     expect(await copies(world.slotA, 'alice@example.com', subject)).toHaveLength(0);
   });
 
