@@ -59,6 +59,10 @@ export function createMetrics(ctx: ProxyContext): Registry {
   simple('mailsplice_route_events_total', 'Change events applied', () => stats.events);
   simple('mailsplice_route_resyncs_total', 'Full resyncs after the event stream was lost', () => stats.resyncs);
   simple('mailsplice_route_events_live', '1 while change events are flowing', () => (stats.live ? 1 : 0), 'gauge');
+  simple('mailsplice_route_resync_failures_total', 'Resyncs that did not complete (source unreachable, or it looked emptied)', () => stats.resyncFailures);
+  simple('mailsplice_route_mass_removals_refused_total', 'Resyncs not believed because most known routes had vanished (an emptied Redis)', () => stats.massRemovalsRefused);
+  simple('mailsplice_route_older_epochs_ignored_total', 'Store changes ignored because their epoch was lower than the one known', () => stats.olderEpochsIgnored);
+  simple('mailsplice_route_records_malformed', 'Route records that do not parse (each counts as locked)', () => stats.malformed, 'gauge');
   simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route (a login whose route changed while it ran counts too)', () => ctx.registry.endedByEvents);
   simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
   simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);
