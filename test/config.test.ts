@@ -22,6 +22,14 @@ describe('config', () => {
     expect(plaintextAllowed(cfg.listeners[0]!)).toBe(false); // TLS configured: no cleartext by default
   });
 
+  it('checks the lookup fault settings', () => {
+    const doc = (lookup: object) => ({ listeners: [{ protocol: 'imap', port: 1143 }], lookup });
+    const cfg = parseConfig(doc({ redis: {} }), 't');
+    expect(cfg.lookup).toMatchObject({ redis: { heartbeat_ms: 1000, heartbeat_timeout_ms: 3000 }, max_resync_removed: 0.5, resync_retry_max_ms: 30_000 });
+    expect(() => parseConfig(doc({ redis: { heartbeat_ms: 2000, heartbeat_timeout_ms: 2000 } }), 't')).toThrow(/lookup\.redis\.heartbeat_timeout_ms: must be more than heartbeat_ms/);
+    expect(() => parseConfig(doc({ redis: {}, max_resync_removed: 1.5 }), 't')).toThrow(/lookup\.max_resync_removed/);
+  });
+
   it('fills defaults and makes paths relative to the file', () => {
     const cfg = loadConfig(file('min.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: routes.yaml }\n'));
     expect(cfg.lookup.file).toBe(join(dir, 'routes.yaml'));
