@@ -1,5 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -13,6 +12,7 @@ import { freePort } from './harness/ports.js';
 import { startRelay, type Relay } from './harness/relay.js';
 import { startWorld, type World } from './harness/world.js';
 import { changeInRedis, seedRedis, worldRoutes, writeRoutesFile, type RouteModel } from './support/routes.js';
+import { tempDir } from './support/tmp.js';
 
 // Routing under lookup faults (issue 13, lookup side), against real Redis and Dovecot:
 // malformed records, a stalled subscriber, an emptied Redis, unusable slot records, the
@@ -39,7 +39,7 @@ async function startProxy(lookup: Record<string, unknown>): Promise<Proxy> {
   const cfg = parseConfig(
     { listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, admin: { address: '127.0.0.1', port: adminPort } },
     'test config',
-    mkdtempSync(join(tmpdir(), 'mailsplice-cfg-')),
+    tempDir('cfg'),
   );
   const logs: string[] = [];
   const server = await startServer(cfg, createLogger('info', (l) => logs.push(l)));
@@ -195,28 +195,24 @@ describe('a malformed record (item 2)', () => {
   });
 
   it('is one unreadable entry of the routes file: the rest of the save applies', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'mailsplice-faults-'));
-    try {
-      const file = join(dir, 'routes.yaml');
-      const routes: RouteModel = worldRoutes(world);
-      writeRoutesFile(file, routes);
-      const p = await startProxy({ file });
-      const alice = await idle(p.port, 'alice@example.com', 'alicepw');
-      const carol = await idle(p.port, 'carol@example.com', 'carolpw');
-      const bob = await idle(p.port, 'bob@example.com', 'bobpw');
-      const next: RouteModel = structuredClone(routes);
-      next.users['carol@example.com'] = { store: 'store1', status: 'disabled' };
-      next.stores.store2 = { master: 'slotA', replicas: 'slotB', epoch: '2' };
-      writeRoutesFile(file, next);
-      expect(await carol.bye).toBe('* BYE [UNAVAILABLE] account record unreadable');
-      expect(await bob.bye).toBe('* BYE [UNAVAILABLE] store moved to another server');
-      await alice.stillThere();
-      expect(await landsOn(p.port, 'carol@example.com', 'carolpw')).toMatch(/^a NO \[UNAVAILABLE\] /);
-      expect(await landsOn(p.port, 'bob@example.com', 'bobpw')).toBe('Subject: on slotA');
-      expect(p.logged(/"level":"error".*"key":"users.carol@example.com"/)).toBe(true);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    const dir = tempDir('faults');
+    const file = join(dir, 'routes.yaml');
+    const routes: RouteModel = worldRoutes(world);
+    writeRoutesFile(file, routes);
+    const p = await startProxy({ file });
+    const alice = await idle(p.port, 'alice@example.com', 'alicepw');
+    const carol = await idle(p.port, 'carol@example.com', 'carolpw');
+    const bob = await idle(p.port, 'bob@example.com', 'bobpw');
+    const next: RouteModel = structuredClone(routes);
+    next.users['carol@example.com'] = { store: 'store1', status: 'disabled' };
+    next.stores.store2 = { master: 'slotA', replicas: 'slotB', epoch: '2' };
+    writeRoutesFile(file, next);
+    expect(await carol.bye).toBe('* BYE [UNAVAILABLE] account record unreadable');
+    expect(await bob.bye).toBe('* BYE [UNAVAILABLE] store moved to another server');
+    await alice.stillThere();
+    expect(await landsOn(p.port, 'carol@example.com', 'carolpw')).toMatch(/^a NO \[UNAVAILABLE\] /);
+    expect(await landsOn(p.port, 'bob@example.com', 'bobpw')).toBe('Subject: on slotA');
+    expect(p.logged(/"level":"error".*"key":"users.carol@example.com"/)).toBe(true);
   });
 });
 
