@@ -108,10 +108,23 @@ const sections = z.strictObject({
       auth_failures: z.number().int().positive().default(3),
       login_timeout_ms: z.number().int().positive().default(60_000),
       connections_per_ip: z.number().int().positive().default(500),
-      /** Failed logins one client IP may have per minute before it is turned away. */
+      /**
+       * Login attempts one client IP may fail per minute before it is turned away. An attempt
+       * counts from the moment it starts (a success gives its place back), so logins sent all
+       * at once cannot slip past; counted in Redis when the lookup is Redis (shared by every
+       * proxy on it), in this process otherwise or while Redis is away.
+       */
       auth_failures_per_ip_per_minute: z.number().int().positive().default(60),
       /** After the backend closed a session (e.g. LOGOUT), how long the client may keep its side (and its per-IP slot) open. */
       half_close_timeout_ms: z.number().int().positive().default(5000),
+      /** Logins one client IP may have in progress at once on this proxy; more are refused at once. */
+      concurrent_logins_per_ip: z.number().int().positive().default(10),
+      /**
+       * Every failed login is answered this long after it started (like Dovecot's
+       * auth_failure_delay), whatever the reason: an unknown user, a wrong password and a
+       * throttled address all look alike. 0: answer at once.
+       */
+      auth_failure_delay_ms: z.number().int().nonnegative().max(60_000).default(2000),
     })
     .prefault({}),
   backend: z
@@ -120,8 +133,13 @@ const sections = z.strictObject({
       login_timeout_ms: z.number().int().positive().default(15_000),
       tls: backendTls.prefault({}),
       tls_groups: z.array(backendTlsGroup).default([]),
-      /** Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT (Dovecot: login_trusted_networks). */
-      forward_client_ip: z.boolean().default(false),
+      /**
+       * Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT.
+       * On by default: a backend's per-address limits (Dovecot's auth penalty) must see the
+       * client, not the proxy, or one attacker slows every login. Dovecot takes it only from
+       * its login_trusted_networks (list the proxies there) and ignores it from anyone else.
+       */
+      forward_client_ip: z.boolean().default(true),
     })
     .prefault({}),
   lmtp: z

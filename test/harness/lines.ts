@@ -24,14 +24,16 @@ export interface ConnectOptions {
   /** Connect with implicit TLS using these options (e.g. { ca, servername }). */
   tls?: tls.ConnectionOptions;
   timeoutMs?: number;
+  /** Source address to connect from (e.g. 127.0.0.5), to look like another client to a per-IP limit. */
+  localAddress?: string;
 }
 
 export function connectLines(opts: ConnectOptions): Promise<LineClient> {
   const timeoutMs = opts.timeoutMs ?? 10_000;
   return new Promise((resolve, reject) => {
     const socket: net.Socket = opts.tls
-      ? tls.connect({ host: opts.host, port: opts.port, ...opts.tls })
-      : net.connect({ host: opts.host, port: opts.port });
+      ? tls.connect({ host: opts.host, port: opts.port, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}), ...opts.tls })
+      : net.connect({ host: opts.host, port: opts.port, ...(opts.localAddress ? { localAddress: opts.localAddress } : {}) });
     const connectEvent = opts.tls ? 'secureConnect' : 'connect';
     const timer = setTimeout(() => {
       socket.destroy();
