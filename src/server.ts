@@ -12,6 +12,7 @@ import { describeRedisError, OutageLog, redisEndpoint } from './outage.js';
 import type { LoginResult, ProxyContext } from './proxy/core.js';
 import { reloadBackendTls } from './proxy/backend.js';
 import { ClientGate } from './proxy/gate.js';
+import { FailureDelay, LoginThrottle } from './proxy/throttle.js';
 import { ProxyListener } from './proxy/listener.js';
 import { OwnListeners } from './proxy/own-listeners.js';
 import { SessionRegistry } from './proxy/registry.js';
@@ -32,7 +33,7 @@ export interface RunningServer {
 }
 
 function zeroResults(): Record<LoginResult, number> {
-  return { ok: 0, 'auth-failed': 0, unavailable: 0, locked: 0 };
+  return { ok: 0, 'auth-failed': 0, unavailable: 0, locked: 0, throttled: 0 };
 }
 
 /** Where lookup errors go: for Redis, aggregated into outage lines (see OutageLog). */
@@ -70,11 +71,23 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   const registry = new SessionRegistry();
   router.addListener(registry);
   const sweep = new Sweep();
+  const redis = cfg.lookup.redis;
+  const throttle = new LoginThrottle(
+    {
+      failuresPerWindow: cfg.limits.auth_failures_per_ip_per_minute,
+      windowMs: 60_000,
+      ...(redis ? { redis: { url: redis.url, prefix: redis.prefix, commandTimeoutMs: redis.command_timeout_ms } } : {}),
+      log,
+    },
+    sweep,
+  );
   const ctx: ProxyContext = {
     router,
     registry,
     sweep,
-    gate: new ClientGate({ connectionsPerIp: cfg.limits.connections_per_ip, authFailuresPerIpPerMinute: cfg.limits.auth_failures_per_ip_per_minute }, sweep),
+    gate: new ClientGate({ connectionsPerIp: cfg.limits.connections_per_ip, concurrentLoginsPerIp: cfg.limits.concurrent_logins_per_ip }),
+    throttle,
+    failureDelay: new FailureDelay(cfg.limits.auth_failure_delay_ms, sweep),
     limits: cfg.limits,
     backend: cfg.backend,
     log,
@@ -102,6 +115,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     registry.endAll('server shutting down');
     admin?.close();
     sweep.stop();
+    throttle.close();
     await router.close();
   };
   try {

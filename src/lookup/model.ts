@@ -46,6 +46,11 @@ export class LookupFailure extends Error {
   constructor(
     readonly kind: LookupFailureKind,
     message: string,
+    /**
+     * For a locked user or store whose master slot is known and up: where the password can
+     * still be checked, so that the lock is told only to someone who knows it.
+     */
+    readonly route?: Route,
   ) {
     super(message);
     this.name = 'LookupFailure';
@@ -88,22 +93,24 @@ function usable<T>(r: Known<T>): T | undefined {
 export function routeFrom(login: string, user: Known<UserRecord>, store: Known<StoreRecord>, slot: Known<SlotRecord>): Route {
   if (user instanceof MalformedRecord) throw new LookupFailure('unavailable', `the record of ${login} is unreadable`);
   if (!user) throw new LookupFailure('unknown-user', `no such user ${login}`);
-  if (user.status === 'locked') throw new LookupFailure('locked', `user ${login} is locked`);
+  // Where the password of a locked account can still be checked: its store's master slot,
+  // when that is known and up (see LookupFailure.route).
+  const where = (): Route | undefined => {
+    const st = usable(store);
+    const sl = usable(slot);
+    return st?.master && sl && sl.status === 'up'
+      ? { login, backendLogin: user.backendLogin ?? login, store: user.store, slot: st.master, host: sl.host, ports: sl.ports }
+      : undefined;
+  };
+  if (user.status === 'locked') throw new LookupFailure('locked', `user ${login} is locked`, where());
   if (store instanceof MalformedRecord) throw new LookupFailure('unavailable', `the record of store ${user.store} is unreadable`);
   if (!store) throw new LookupFailure('unavailable', `store ${user.store} of ${login} is not defined`);
-  if (store.status === 'locked') throw new LookupFailure('locked', `store ${user.store} is locked`);
+  if (store.status === 'locked') throw new LookupFailure('locked', `store ${user.store} is locked`, where());
   if (!store.master) throw new LookupFailure('unavailable', `store ${user.store} has no master`);
   if (slot instanceof MalformedRecord) throw new LookupFailure('unavailable', `the record of slot ${store.master} is unreadable`);
   if (!slot) throw new LookupFailure('unavailable', `slot ${store.master} of store ${user.store} is not defined`);
   if (slot.status === 'down') throw new LookupFailure('unavailable', `slot ${store.master} is down`);
-  return {
-    login,
-    backendLogin: user.backendLogin ?? login,
-    store: user.store,
-    slot: store.master,
-    host: slot.host,
-    ports: slot.ports,
-  };
+  return where()!;
 }
 
 export type ObjectRecord = UserRecord | StoreRecord | SlotRecord;

@@ -6,14 +6,15 @@ import type { Router } from '../lookup/router.js';
 import { BackendRefused, backendTlsFor, openBackend } from './backend.js';
 import type { ClientGate } from './gate.js';
 import type { OwnListeners } from './own-listeners.js';
+import type { FailureDelay, LoginThrottle, Reservation } from './throttle.js';
 import type { SessionRegistry } from './registry.js';
 import { SplicedSession } from './splice.js';
 import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from './tls.js';
 import { LineReader } from './lines.js';
 
-/** Login outcomes, counted for metrics. */
-export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked';
+/** Login outcomes, counted for metrics. `throttled`: refused by a per-address limit before any lookup. */
+export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked' | 'throttled';
 
 /** Everything the front ends share: one per process. */
 export interface ProxyContext {
@@ -21,6 +22,8 @@ export interface ProxyContext {
   registry: SessionRegistry;
   sweep: Sweep;
   gate: ClientGate;
+  throttle: LoginThrottle;
+  failureDelay: FailureDelay;
   limits: Config['limits'];
   backend: Config['backend'];
   log: Logger;
@@ -183,33 +186,77 @@ export abstract class PreauthConnection implements Expiring {
 
   /** Counts a failed login; false once this connection may not try again. */
   countAuthFailure(): boolean {
-    this.ctx.gate.recordFailure(this.clientIp);
     return ++this.authFailures < this.ctx.limits.auth_failures;
   }
 
   /**
-   * Finds the route for `login` and opens the backend connection, under the backend
-   * deadline. The protocol's own dialogue then runs in `dialogue`, with the TLS settings of
-   * the slot's group (STARTTLS is the dialogue's business; implicit TLS is already up).
+   * One login attempt, from the client's command to a logged-in backend connection, or a
+   * LoginFailed answered no sooner than limits.auth_failure_delay_ms after the attempt began.
+   *
+   * Before anything is looked up, the attempt takes a place in the address's logins in
+   * progress (this proxy) and in its failed-login count (shared in Redis); a success gives
+   * the second back. Then the route is found and the backend connection opened under the
+   * backend deadline; the protocol's own dialogue runs in `dialogue`, with the TLS settings
+   * of the slot's group (STARTTLS is the dialogue's business; implicit TLS is already up).
+   *
+   * A locked account is told so only to whoever knows its password: where its master slot
+   * is known and up, the credentials are checked there, and that session is logged out of
+   * again (`logout`). Where nothing can check them (no master, slot down, lookup down), the
+   * answer is the general UNAVAILABLE, the same as for every other outage.
    */
   async toBackend<T>(
     protocol: Protocol,
     login: string,
     dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    logout: (result: T) => void,
   ): Promise<{ route: Route; result: T }> {
-    if (this.ctx.gate.blocked(this.clientIp)) throw new LoginFailed('auth-failed', 'too many failed logins from this address');
+    const started = Date.now();
+    const { gate, throttle } = this.ctx;
+    if (!gate.beginLogin(this.clientIp)) {
+      throttle.noteRefused(this.clientIp, 'too many logins in progress');
+      return this.failAfterDelay(started, new LoginFailed('throttled', 'too many logins in progress from this address'));
+    }
+    try {
+      const reservation = await throttle.reserve(this.clientIp);
+      if (!reservation) throw new LoginFailed('throttled', 'too many failed logins from this address');
+      const done = await this.verify(protocol, login, dialogue, logout);
+      throttle.succeeded(reservation);
+      return done;
+    } catch (e) {
+      if (!(e instanceof LoginFailed)) throw e;
+      return this.failAfterDelay(started, e);
+    } finally {
+      gate.endLogin(this.clientIp);
+    }
+  }
+
+  private async failAfterDelay(started: number, e: LoginFailed): Promise<never> {
+    await this.ctx.failureDelay.after(started);
+    throw e;
+  }
+
+  private async verify<T>(
+    protocol: Protocol,
+    login: string,
+    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    logout: (result: T) => void,
+  ): Promise<{ route: Route; result: T }> {
     let route: Route;
+    let locked: LookupFailure | undefined;
     try {
       route = await this.ctx.router.resolve(login);
     } catch (e) {
       if (!(e instanceof LookupFailure)) throw e;
       if (e.kind === 'unknown-user') throw new LoginFailed('auth-failed', e.message);
-      throw new LoginFailed(e.kind === 'locked' ? 'locked' : 'unavailable', e.message);
+      if (e.kind !== 'locked' || !e.route?.ports[protocol]) throw new LoginFailed('unavailable', `${e.message} (password not checked)`);
+      route = e.route;
+      locked = e;
     }
     const port = route.ports[protocol];
     if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
     this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
+    let result: T;
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot);
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });
@@ -218,7 +265,7 @@ export abstract class PreauthConnection implements Expiring {
         this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });
         throw new BackendRefused('unavailable', `slot ${route.slot} (${route.host}:${port}) points at this proxy`);
       }
-      return { route, result: await dialogue(route, sock, tls) };
+      result = await dialogue(route, sock, tls);
     } catch (e) {
       this.backendSocket?.destroy();
       if (e instanceof BackendRefused) {
@@ -229,6 +276,11 @@ export abstract class PreauthConnection implements Expiring {
       this.backendSocket = undefined;
       this.deadline = this.loginDeadline;
     }
+    if (locked) {
+      logout(result);
+      throw new LoginFailed('locked', `${locked.message} (password checked on ${route.slot})`);
+    }
+    return { route, result };
   }
 
   /**
@@ -244,7 +296,7 @@ export abstract class PreauthConnection implements Expiring {
     handover: (result: T) => Handover,
   ): Promise<void> {
     for (let attempt = 1; ; attempt++) {
-      const { route, result } = await this.toBackend(protocol, login, dialogue);
+      const { route, result } = await this.toBackend(protocol, login, dialogue, (r) => logOut(r.socket, handover(r).logout, this.ctx));
       const h = handover(result);
       if (this.splice(protocol, route, result.socket, result.rest, h.toClient, h.farewell)) return;
       this.ctx.registry.endedByEvents++;
@@ -278,10 +330,11 @@ export abstract class PreauthConnection implements Expiring {
     return true;
   }
 
-  /** Records a failed login for metrics and the log. */
+  /** Records a failed login for metrics and the log (refused attempts: the throttle logs them, summed). */
   noteFailure(protocol: Protocol, e: LoginFailed, login: string): void {
     const result = e.result === 'in-use' ? 'unavailable' : e.result;
     this.ctx.counters.logins[protocol][result]++;
+    if (result === 'throttled') return;
     const level = result === 'unavailable' ? 'warn' : 'info';
     this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message });
   }

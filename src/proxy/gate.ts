@@ -1,51 +1,48 @@
-import type { Sweep } from './sweep.js';
-
 export interface GateLimits {
   connectionsPerIp: number;
-  authFailuresPerIpPerMinute: number;
+  concurrentLoginsPerIp: number;
 }
 
 /**
- * Per-client-IP limits shared by all listeners: concurrent connections, and failed logins
- * in the current minute (a window the shared sweep rolls over, so no timer per IP).
+ * Per-client-IP limits of this process, shared by all listeners: concurrent connections, and
+ * logins in progress (between the login command and the backend's answer). The second keeps
+ * one address from holding many backend dialogues at once; the failed-login count per
+ * address is the LoginThrottle's (throttle.ts), shared between proxies.
  */
 export class ClientGate {
   private readonly connections = new Map<string, number>();
-  private failures = new Map<string, number>();
-  private windowStart = Date.now();
+  private readonly logins = new Map<string, number>();
 
-  constructor(
-    private readonly limits: GateLimits,
-    sweep: Sweep,
-  ) {
-    sweep.every(() => {
-      if (Date.now() - this.windowStart >= 60_000) {
-        this.failures = new Map();
-        this.windowStart = Date.now();
-      }
-    });
-  }
+  constructor(private readonly limits: GateLimits) {}
 
   /** Counts a new connection; false when the IP already has too many. */
   admit(ip: string): boolean {
-    const n = this.connections.get(ip) ?? 0;
-    if (n >= this.limits.connectionsPerIp) return false;
-    this.connections.set(ip, n + 1);
-    return true;
+    return increment(this.connections, ip, this.limits.connectionsPerIp);
   }
 
   release(ip: string): void {
-    const n = (this.connections.get(ip) ?? 1) - 1;
-    if (n <= 0) this.connections.delete(ip);
-    else this.connections.set(ip, n);
+    decrement(this.connections, ip);
   }
 
-  recordFailure(ip: string): void {
-    this.failures.set(ip, (this.failures.get(ip) ?? 0) + 1);
+  /** Counts a login in progress; false when the IP already has too many (the login is refused). */
+  beginLogin(ip: string): boolean {
+    return increment(this.logins, ip, this.limits.concurrentLoginsPerIp);
   }
 
-  /** Too many failed logins from this IP this minute: refuse further attempts. */
-  blocked(ip: string): boolean {
-    return (this.failures.get(ip) ?? 0) >= this.limits.authFailuresPerIpPerMinute;
+  endLogin(ip: string): void {
+    decrement(this.logins, ip);
   }
+}
+
+function increment(m: Map<string, number>, ip: string, max: number): boolean {
+  const n = m.get(ip) ?? 0;
+  if (n >= max) return false;
+  m.set(ip, n + 1);
+  return true;
+}
+
+function decrement(m: Map<string, number>, ip: string): void {
+  const n = (m.get(ip) ?? 1) - 1;
+  if (n <= 0) m.delete(ip);
+  else m.set(ip, n);
 }

@@ -188,13 +188,18 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;
       this.noteFailure('imap', e, login);
-      if (e.result === 'auth-failed') {
-        this.write(`${tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n`);
+      if (e.result === 'auth-failed' || e.result === 'throttled') {
+        this.write(
+          e.result === 'throttled'
+            ? `${tag} NO [UNAVAILABLE] Too many login attempts from your address, try again later\r\n`
+            : `${tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n`,
+        );
         if (!this.countAuthFailure()) {
           this.close('* BYE Too many authentication failures\r\n');
           return true;
         }
       } else if (e.result === 'locked') {
+        // Only after the backend accepted the password (see toBackend).
         this.write(`${tag} NO [UNAVAILABLE] Account is under maintenance, try again shortly\r\n`);
       } else {
         this.write(`${tag} NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n`);
@@ -203,6 +208,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
     }
   }
 }
+
 
 function imapFarewell(reason: string): string {
   return `* BYE [UNAVAILABLE] ${reason.replace(/[\r\n]/g, ' ')}\r\n`;

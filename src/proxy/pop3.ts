@@ -223,8 +223,12 @@ export class Pop3Preauth extends PreauthConnection {
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;
       this.noteFailure('pop3', e, login);
-      if (e.result === 'auth-failed') {
-        this.write('-ERR [AUTH] Authentication failed\r\n');
+      if (e.result === 'auth-failed' || e.result === 'throttled') {
+        this.write(
+          e.result === 'throttled'
+            ? '-ERR [SYS/TEMP] Too many login attempts from your address, try again later\r\n'
+            : '-ERR [AUTH] Authentication failed\r\n',
+        );
         if (!this.countAuthFailure()) {
           this.close();
           return true;
@@ -233,6 +237,7 @@ export class Pop3Preauth extends PreauthConnection {
         // The backend's own words (RFC 2449 IN-USE / LOGIN-DELAY): the client may act on them.
         this.write(`${backendSaid?.replace(/[\r\n\0]/g, ' ') ?? '-ERR [IN-USE] Mailbox in use, try again later'}\r\n`);
       } else if (e.result === 'locked') {
+        // Only after the backend accepted the password (see toBackend).
         this.write('-ERR [SYS/TEMP] Account is under maintenance, try again shortly\r\n');
       } else {
         this.write('-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n');
@@ -241,3 +246,4 @@ export class Pop3Preauth extends PreauthConnection {
     }
   }
 }
+

@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import { parseConfig } from '../../src/config.js';
-import { createLogger, silentLogger } from '../../src/log.js';
+import { createLogger, silentLogger, type Logger } from '../../src/log.js';
 import { startServer, type RunningServer } from '../../src/server.js';
 import { freePort } from '../harness/ports.js';
 import { tempDir } from './tmp.js';
@@ -17,9 +17,10 @@ type ListenerDoc = Record<string, unknown> & { protocol: string; tls?: string };
 
 /**
  * Starts mailsplice in this process from a config document. Listener ports are filled in
- * with free ones when absent. Set MAILSPLICE_TEST_LOG=debug to see the proxy's log.
+ * with free ones when absent. Set MAILSPLICE_TEST_LOG=debug to see the proxy's log, or
+ * pass a logger to read it in the test.
  */
-export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<string, unknown>): Promise<TestProxy> {
+export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<string, unknown>, logger?: Logger): Promise<TestProxy> {
   const host = '127.0.0.1';
   const listeners = doc.listeners ?? [{ protocol: 'imap' }];
   const ports: Record<string, number> = {};
@@ -31,7 +32,7 @@ export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<str
   }
   const cfg = parseConfig({ ...doc, listeners }, 'test config', tempDir('cfg'));
   const level = process.env.MAILSPLICE_TEST_LOG;
-  const log = level === 'debug' || level === 'info' ? createLogger(level) : silentLogger;
+  const log = logger ?? (level === 'debug' || level === 'info' ? createLogger(level) : silentLogger);
   const server = await startServer(cfg, log);
   return { server, host, ports, close: () => server.close() };
 }
