@@ -19,7 +19,8 @@ beforeAll(async () => {
   proxy = await startProxy({
     listeners: [{ protocol: 'imap' }],
     lookup: { redis: { url: world.redis!.url }, max_stale_ms: 0 },
-    limits: { login_timeout_ms: 2000, bad_commands: 3, literal_size: 1024, line_length: 1024, auth_failures: 2 },
+    // No failure delay: these tests fail logins on purpose, under a 2 s login deadline.
+    limits: { login_timeout_ms: 2000, bad_commands: 3, literal_size: 1024, line_length: 1024, auth_failures: 2, auth_failure_delay_ms: 0 },
   });
 });
 

@@ -91,7 +91,7 @@ beforeAll(async () => {
         { protocol: 'pop3', address: HOST, port: port.open, tls: 'starttls', plaintext_auth: true, ...tlsFiles },
       ],
       lookup: { redis: { url: world.redis!.url }, max_stale_ms: 0 },
-      limits: { login_timeout_ms: 2000, bad_commands: 3, line_length: 1024, auth_failures: 2 },
+      limits: { login_timeout_ms: 2000, bad_commands: 3, line_length: 1024, auth_failures: 2, auth_failure_delay_ms: 0 },
       log: { level: 'debug' },
     },
     'pop3 test config',
