@@ -148,6 +148,22 @@ const sections = z.strictObject({
       max_message_size: z.number().int().positive().default(50 * 1024 * 1024),
       max_recipients: z.number().int().positive().default(1000),
       timeout_ms: z.number().int().positive().default(120_000),
+      // Per client address on TCP (a unix socket's clients have none and are not limited):
+      /** Connections at once; more get 421 4.7.0. */
+      connections_per_ip: z.number().int().positive().default(100),
+      /** RCPT commands per minute; more get 452 4.5.3 (the client sends them later). */
+      recipients_per_ip_per_minute: z.number().int().positive().default(100_000),
+      /**
+       * Unknown-recipient answers (550 5.1.1) per minute. Past it, every RCPT from the address
+       * gets 450 4.7.1 until the minute is over, known or not: no more telling them apart.
+       */
+      unknown_recipients_per_ip_per_minute: z.number().int().positive().default(1000),
+      /**
+       * Absolute time for one transaction, from the connection (or the end of the previous
+       * transaction) to the last reply after DATA, however steadily the client trickles bytes
+       * (timeout_ms is for silence). Past it: 421 4.4.2 and the connection closes.
+       */
+      transaction_timeout_ms: z.number().int().positive().default(600_000),
       /** How long an idle backend LMTP connection is kept for the next message; 0: never kept. */
       backend_idle_ms: z.number().int().nonnegative().default(10_000),
       /** Reserved: the LMTP proxy streams every message with backpressure and never spools. */

@@ -4,6 +4,7 @@ import type { Config, ListenerConfig } from '../config.js';
 import type { ProxyContext } from '../proxy/core.js';
 import { ListenerTls } from '../proxy/tls.js';
 import { resolveId } from '../preflight.js';
+import { WindowCounts } from '../proxy/throttle.js';
 import { lmtpTotals, type LmtpTotals } from './metrics.js';
 import { BackendPool } from './pool.js';
 import { formatReply, reply } from './reply.js';
@@ -42,34 +43,58 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
   if (l.tls === 'starttls') throw new Error(`lmtp listener ${l.name ?? ''}: tls: starttls is not supported for LMTP (use implicit, or none on loopback/unix sockets)`);
   const tls = l.tls === 'implicit' ? new ListenerTls(l) : undefined;
   const pool = new BackendPool(lmtp.backend_idle_ms);
-  const env: LmtpEnv = { ctx, cfg: lmtp, totals, pool };
+  const perIp = { rcpts: new WindowCounts(60_000, ctx.sweep), unknown: new WindowCounts(60_000, ctx.sweep) };
+  const refusedFrom = new WindowCounts(60_000, ctx.sweep);
+  const env: LmtpEnv = { ctx, cfg: lmtp, totals, pool, perIp };
   const sessions = new Set<LmtpSession>();
   let open = 0;
+  /** Open TCP connections per client address (unix socket clients have none). */
+  const byIp = new Map<string, number>();
+  const released = (ip: string) => {
+    const n = (byIp.get(ip) ?? 1) - 1;
+    if (n <= 0) byIp.delete(ip);
+    else byIp.set(ip, n);
+  };
 
-  const start = (socket: Socket, peer: string) => {
-    const s = new LmtpSession(socket, env, peer);
+  // Transaction deadlines, on the shared sweep's tick: one pass over this listener's sessions.
+  ctx.sweep.every(() => {
+    const now = Date.now();
+    for (const s of sessions) if (s.deadline <= now) s.expire();
+  });
+
+  const start = (socket: Socket, peer: string, ip: string | undefined) => {
+    const s = new LmtpSession(socket, env, peer, ip);
     sessions.add(s);
     void s.done.finally(() => sessions.delete(s));
   };
 
   const accept = (socket: Socket) => {
     socket.on('error', () => socket.destroy());
-    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-    if (open >= l.max_connections) {
+    const ip = socket.remoteAddress;
+    const peer = ip ? `${ip}:${socket.remotePort}` : 'unix';
+    const fromIp = ip === undefined ? 0 : (byIp.get(ip) ?? 0);
+    if (open >= l.max_connections || fromIp >= lmtp.connections_per_ip) {
       ctx.counters.rejectedConnections++;
+      const why = open >= l.max_connections ? 'Too many connections' : 'Too many connections from your address';
+      // One line per address and minute, not one per refused connection.
+      if (refusedFrom.add(ip ?? 'unix') === 1) ctx.log.warn('lmtp connections refused', { ip: ip ?? 'unix', why });
       if (tls) socket.destroy();
-      else socket.end(formatReply(reply(421, undefined, `${lmtp.hostname} Too many connections, try again later`), false));
+      else socket.end(formatReply(reply(421, '4.7.0', `${lmtp.hostname} ${why}, try again later`)));
       return;
     }
     open++;
-    socket.once('close', () => open--);
+    if (ip !== undefined) byIp.set(ip, fromIp + 1);
+    socket.once('close', () => {
+      open--;
+      if (ip !== undefined) released(ip);
+    });
     socket.setNoDelay(true);
-    if (!tls) return start(socket, peer);
+    if (!tls) return start(socket, peer, ip);
     const timer = setTimeout(() => socket.destroy(), lmtp.timeout_ms);
     tls.accept(socket).then(
       (secure) => {
         clearTimeout(timer);
-        start(secure, peer);
+        start(secure, peer, ip);
       },
       () => {
         clearTimeout(timer);

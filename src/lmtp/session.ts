@@ -3,6 +3,7 @@ import type { Config } from '../config.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import type { LoginResult, ProxyContext } from '../proxy/core.js';
 import { canonicalRecipient, parsePathArgument, splitDetail } from './address.js';
+import type { WindowCounts } from '../proxy/throttle.js';
 import { Delivery, lookupFailureReply, type Recipient } from './delivery.js';
 import { DotDecoder } from './dot.js';
 import type { LmtpTotals, RcptResult } from './metrics.js';
@@ -22,6 +23,8 @@ export interface LmtpEnv {
   cfg: Config['lmtp'];
   totals: LmtpTotals;
   pool: BackendPool;
+  /** Per client address and minute, shared by the listener's connections. */
+  perIp: { rcpts: WindowCounts; unknown: WindowCounts };
 }
 
 /** A RCPT that got 250: it will get exactly one reply after DATA. */
@@ -68,12 +71,21 @@ export class LmtpSession {
   busy = false;
   private shutdownRequested = false;
   readonly done: Promise<void>;
+  /**
+   * The transaction deadline (lmtp.transaction_timeout_ms): from the connection, then from
+   * the end of each transaction. The listener checks it on the shared sweep's tick. The
+   * idle timer only sees silence; this one ends a client that trickles a byte at a time.
+   */
+  deadline: number;
 
   constructor(
     private readonly socket: Socket,
     private readonly env: LmtpEnv,
     private readonly peer: string,
+    /** The client's address on TCP; undefined on a unix socket (not limited per address). */
+    private readonly ip: string | undefined,
   ) {
+    this.deadline = Date.now() + env.cfg.transaction_timeout_ms;
     socket.on('data', this.onData);
     socket.on('end', this.onEnd);
     socket.on('close', this.onClose);
@@ -124,6 +136,20 @@ export class LmtpSession {
     this.write(reply(421, '4.4.2', `${this.env.cfg.hostname} Timeout, closing connection`));
     this.close();
   };
+
+  /** Past the deadline: called from the listener's sweep tick. */
+  expire(): void {
+    if (this.closed) return;
+    if (!this.waitingForClient) {
+      // We are the slow side (a backend is working, under its own timeouts): look again on
+      // the next tick rather than drop replies a delivery may still produce.
+      this.deadline = Date.now() + 1000;
+      return;
+    }
+    this.ctx.log.info('lmtp transaction deadline', { peer: this.peer, limit_ms: this.env.cfg.transaction_timeout_ms });
+    this.write(reply(421, '4.4.2', `${this.env.cfg.hostname} Transaction took too long, closing connection`));
+    this.close();
+  }
 
   private wakeUp(): void {
     const w = this.wake;
@@ -351,11 +377,17 @@ export class LmtpSession {
       return reply(452, '4.5.3', 'Too many recipients');
     }
     const address = canonical;
+    const limited = this.rateLimited(address);
+    if (limited) {
+      this.count('refused');
+      return limited;
+    }
     let found: { route: Route; login: string; detail?: string };
     try {
       found = await this.lookup(address);
     } catch (e) {
       if (!(e instanceof LookupFailure)) throw e;
+      if (e.kind === 'unknown-user' && this.ip !== undefined) this.env.perIp.unknown.add(this.ip);
       this.count(e.kind === 'unknown-user' ? 'unknown' : e.kind === 'locked' ? 'locked' : 'unavailable');
       this.ctx.log[e.kind === 'unavailable' ? 'warn' : 'info']('lmtp rcpt refused', { rcpt: address, why: e.message, peer: this.peer });
       return lookupFailureReply(e, address);
@@ -391,6 +423,33 @@ export class LmtpSession {
   }
 
   /**
+   * The per-address limits on RCPT (TCP clients only). Past the unknown-recipient limit every
+   * RCPT gets the same 450, known or not, so that probing tells nothing more this minute.
+   * The first refusal per address and limit is logged, not each one.
+   */
+  private rateLimited(address: string): Reply | undefined {
+    const ip = this.ip;
+    if (ip === undefined) return undefined;
+    const { cfg, perIp } = this.env;
+    const unknown = perIp.unknown.get(ip);
+    if (unknown >= cfg.unknown_recipients_per_ip_per_minute) {
+      if (unknown === cfg.unknown_recipients_per_ip_per_minute) {
+        perIp.unknown.add(ip); // past the limit now: the next refusal is not logged again
+        this.ctx.log.warn('lmtp recipients refused', { ip, why: 'too many unknown recipients', limit_per_minute: cfg.unknown_recipients_per_ip_per_minute });
+      }
+      return reply(450, '4.7.1', `<${address}> Too many unknown recipients from your address, try again later`);
+    }
+    const n = perIp.rcpts.add(ip);
+    if (n > cfg.recipients_per_ip_per_minute) {
+      if (n === cfg.recipients_per_ip_per_minute + 1) {
+        this.ctx.log.warn('lmtp recipients refused', { ip, why: 'too many recipients', limit_per_minute: cfg.recipients_per_ip_per_minute });
+      }
+      return reply(452, '4.5.3', `<${address}> Too many recipients from your address, try again later`);
+    }
+    return undefined;
+  }
+
+  /**
    * The whole address is looked up first (it may be a user of its own); only if that user is
    * unknown and the local part has a +detail is the address without it tried. The backend
    * gets the detail back (Dovecot's recipient_delimiter handles it), see backendAddress().
@@ -422,6 +481,8 @@ export class LmtpSession {
       this.busy = false;
       this.tx = undefined;
     }
+    // A whole transaction is done: the next one has the full time again.
+    this.deadline = Date.now() + this.env.cfg.transaction_timeout_ms;
     return true;
   }
 

@@ -202,3 +202,40 @@ export class FailureDelay {
     this.waiting.length = kept;
   }
 }
+
+/**
+ * Counts per key (a client address) in fixed windows that the shared sweep rolls over: no
+ * timer per key. The map holds only keys seen in the current window.
+ */
+export class WindowCounts {
+  private counts = new Map<string, number>();
+  private window: number;
+
+  constructor(
+    private readonly windowMs: number,
+    sweep: Sweep,
+  ) {
+    this.window = Math.floor(Date.now() / windowMs);
+    sweep.every(() => this.roll());
+  }
+
+  private roll(): void {
+    const window = Math.floor(Date.now() / this.windowMs);
+    if (window === this.window) return;
+    this.window = window;
+    this.counts = new Map();
+  }
+
+  get(key: string): number {
+    this.roll();
+    return this.counts.get(key) ?? 0;
+  }
+
+  /** Adds one; the count including it. */
+  add(key: string): number {
+    this.roll();
+    const n = (this.counts.get(key) ?? 0) + 1;
+    this.counts.set(key, n);
+    return n;
+  }
+}
