@@ -162,6 +162,8 @@ async function main(): Promise<void> {
       listeners: [{ protocol: 'lmtp', address: '127.0.0.1', port: lmtpPort }],
       // info, as deployed: one log line per message is part of the cost.
       lookup: { file: routesFile },
+      // The load comes from one address: lift the per-address RCPT rate.
+      lmtp: { recipients_per_ip_per_minute: 10_000_000 },
     });
     const { slotA, slotB } = world;
     const viaProxy: Endpoint = { host: '127.0.0.1', port: lmtpPort };

@@ -40,7 +40,7 @@ export async function startMailsplice(opts: {
       listeners: [{ protocol: 'imap', address: '127.0.0.1', port: opts.port }],
       lookup: opts.lookup,
       // The load comes from one address: lift the per-IP limits, nothing else.
-      limits: { connections_per_ip: 20000 },
+      limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 },
       admin: { address: '127.0.0.1', port: opts.adminPort },
       log: { level: 'info' },
     }),
