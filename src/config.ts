@@ -126,6 +126,12 @@ const sections = z.strictObject({
        */
       auth_failure_delay_ms: z.number().int().nonnegative().max(60_000).default(2000),
     })
+    .superRefine((l, ctx) => {
+      // Otherwise every failed login would run into the login deadline before its answer.
+      if (l.auth_failure_delay_ms >= l.login_timeout_ms) {
+        ctx.addIssue({ code: 'custom', path: ['auth_failure_delay_ms'], message: `must be less than login_timeout_ms (${l.login_timeout_ms})` });
+      }
+    })
     .prefault({}),
   backend: z
     .strictObject({

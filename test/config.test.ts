@@ -47,6 +47,9 @@ describe('config', () => {
     expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'a', redis: {} } }, 'x')).toThrow(/exactly one of lookup.file or lookup.redis/);
     expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 993, tls: 'implicit' }], lookup: { file: 'a' } }, 'x')).toThrow(/needs cert and key/);
     expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 70000 }], lookup: { file: 'a' } }, 'x')).toThrow(/listeners\.0\.port/);
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'a' }, limits: { login_timeout_ms: 2000 } }, 'x')).toThrow(
+      /limits\.auth_failure_delay_ms: must be less than login_timeout_ms/,
+    );
   });
 
   it('stops `mailsplice serve` with exit code 78 and the message', async () => {

@@ -65,11 +65,6 @@ export class LoginThrottle {
       });
       // The lookup logs Redis' own errors; here only the switch to and from local counting.
       this.redis.on('error', () => this.redisDown());
-      this.redis.on('ready', () => {
-        if (!this.redisWasDown) return;
-        this.redisWasDown = false;
-        this.opts.log.info('login throttle counts in Redis again');
-      });
     }
     sweep.every(() => this.roll(Date.now()));
   }
@@ -95,6 +90,10 @@ export class LoginThrottle {
         const [err, value] = res?.[0] ?? [new Error('no reply'), undefined];
         if (err) throw err;
         n = Number(value);
+        if (this.redisWasDown) {
+          this.redisWasDown = false;
+          this.opts.log.info('login throttle counts in Redis again');
+        }
       } catch {
         this.redisDown();
       }
