@@ -189,9 +189,16 @@ export class Router {
   private fromCache(login: string): (() => Route) | undefined {
     const user = this.users.get(login);
     if (user === undefined) return undefined;
-    if (!isRecord(user) || user.status !== 'active') return () => routeFrom(login, user, undefined, undefined);
+    if (!isRecord(user)) return () => routeFrom(login, user, undefined, undefined);
     const store = this.stores.get(user.store);
     if (store === undefined) return undefined;
+    // A locked user's failure carries the master slot (the proxy checks the password there
+    // before it tells of the lock), so it needs the slot too, as an active user does.
+    if (user.status !== 'active' || (isRecord(store) && store.status !== 'active' && store.master)) {
+      const slot = isRecord(store) && store.master ? this.slots.get(store.master) : null;
+      if (slot === undefined) return undefined;
+      return () => routeFrom(login, user, store, slot);
+    }
     if (!isRecord(store) || store.status !== 'active' || !store.master) return () => routeFrom(login, user, store, undefined);
     const slot = this.slots.get(store.master);
     if (slot === undefined) return undefined;
