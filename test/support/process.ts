@@ -7,7 +7,12 @@ import { tempDir } from './tmp.js';
 
 export interface ProxyProcess {
   child: ChildProcess;
+  /** The IMAP listener's port. */
   port: number;
+  /** The LMTP listener's port, when asked for. */
+  lmtpPort?: number;
+  /** The admin server's port (/healthz, /metrics), when asked for. */
+  adminPort?: number;
   configFile: string;
   /** Everything the process logged so far. */
   log(): string;
@@ -16,15 +21,35 @@ export interface ProxyProcess {
 
 const CLI = resolve(import.meta.dirname, '../../src/cli.ts');
 
+export interface ProxyProcessOptions {
+  /** Add an LMTP listener on a free port. */
+  lmtp?: boolean;
+  /** Start the admin server (/healthz, /metrics) on a free port. */
+  admin?: boolean;
+}
+
 /**
  * Runs `mailsplice serve` as its own process, as in production (several proxies in front
- * of one Redis). One IMAP listener on a free port; `extra` is merged into the config.
+ * of one Redis). One IMAP listener on a free port (and an LMTP listener and the admin
+ * server when asked for); `extra` is merged into the config.
  */
-export async function startProxyProcess(extra: Record<string, unknown>): Promise<ProxyProcess> {
+export async function startProxyProcess(extra: Record<string, unknown>, opts: ProxyProcessOptions = {}): Promise<ProxyProcess> {
   const port = await freePort('127.0.0.1');
+  const lmtpPort = opts.lmtp ? await freePort('127.0.0.1') : undefined;
+  const adminPort = opts.admin ? await freePort('127.0.0.1') : undefined;
+  const listeners: Record<string, unknown>[] = [{ protocol: 'imap', address: '127.0.0.1', port }];
+  if (lmtpPort !== undefined) listeners.push({ protocol: 'lmtp', address: '127.0.0.1', port: lmtpPort });
   const dir = tempDir('proc');
   const configFile = join(dir, 'mailsplice.yaml');
-  writeFileSync(configFile, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], log: { level: 'info' }, ...extra }));
+  writeFileSync(
+    configFile,
+    stringify({
+      listeners,
+      log: { level: 'info' },
+      ...(adminPort !== undefined ? { admin: { address: '127.0.0.1', port: adminPort } } : {}),
+      ...extra,
+    }),
+  );
   const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'serve', '--config', configFile], { stdio: ['ignore', 'ignore', 'pipe'] });
   let out = '';
   child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
@@ -48,6 +73,8 @@ export async function startProxyProcess(extra: Record<string, unknown>): Promise
   return {
     child,
     port,
+    ...(lmtpPort !== undefined ? { lmtpPort } : {}),
+    ...(adminPort !== undefined ? { adminPort } : {}),
     configFile,
     log: () => out,
     stop: () =>
