@@ -192,6 +192,8 @@ export class HolderPool {
   readonly tally = newTally();
   private readonly states: LoopState[];
   private stopped = false;
+  /** Set by closeAll: a login that completes from then on is closed, not held. */
+  private closing = false;
   private opens = 0;
   private loops: Promise<void>[] = [];
 
@@ -224,6 +226,7 @@ export class HolderPool {
   /** Ends every session held (client side) and waits for the loops to finish. */
   async closeAll(): Promise<void> {
     this.stopped = true;
+    this.closing = true;
     for (const s of this.live()) s.client.close();
     await Promise.all(this.loops);
   }
@@ -242,7 +245,7 @@ export class HolderPool {
         const session: HeldSession = { user: user.name, proxy, slot: r.slot, openedAt: Date.now(), client: r.client };
         r.client.send('d IDLE');
         const cont = await r.client.readLine(15_000).catch((e: Error) => `(${e.message})`);
-        if (cont.startsWith('+')) {
+        if (cont.startsWith('+') && !this.closing) {
           held = true;
           this.sessions.push(session);
           this.states[i] = 'holding';
@@ -250,7 +253,7 @@ export class HolderPool {
         } else {
           r.client.close();
           if (cont.startsWith('* BYE [UNAVAILABLE]')) this.tally.endedByEvents++;
-          else this.tally.endedOtherwise++;
+          else if (!this.closing) this.tally.endedOtherwise++;
         }
       }
       this.states[i] = 'waiting';
