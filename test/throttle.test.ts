@@ -1,6 +1,7 @@
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectLines } from './harness/lines.js';
+import { waitUntil } from './harness/proc.js';
 import { startWorld, type World } from './harness/world.js';
 import { createLogger } from '../src/log.js';
 import { seedRedis, worldRoutes } from './support/routes.js';
@@ -114,7 +115,18 @@ describe('the failed-login throttle', () => {
     const r = new Redis(world.redis!.url);
     let windows: number;
     try {
-      windows = (await r.keys('ms:throttle:127.0.0.5:*')).length;
+      const keys = await r.keys('ms:throttle:127.0.0.5:*');
+      windows = keys.length;
+      // Every count expires on its own (a key without expiry would be kept for ever).
+      for (const k of keys) expect(await r.pttl(k)).toBeGreaterThan(0);
+      // The bystander's logins all succeeded: each gave its place back, so its counts are 0.
+      // Wait for that: a give-back is sent after the login's answer.
+      const bystanderKeys = await r.keys('ms:throttle:127.0.0.6:*');
+      expect(bystanderKeys.length).toBeGreaterThan(0);
+      await waitUntil(async () => (await Promise.all(bystanderKeys.map((k) => r.get(k)))).every((v) => v === null || Number(v) === 0), {
+        what: 'the bystander\'s successful logins given back',
+        timeoutMs: 10_000,
+      });
     } finally {
       r.disconnect();
     }

@@ -3,6 +3,8 @@
 // several short runs, the median of proxy CPU microseconds per login (user and system).
 //
 //   node --import tsx bench/tools/login-cpu.ts [--cli dist/cli.js ...] [--runs 7] [--seconds 4] [--node-options='...']
+//        [--redis redis://127.0.0.1:PORT]   (routes in that Redis, as in production: the route
+//        lookup and the shared failed-login throttle then go through it; default: a routes file)
 //
 // To compare a change: build, copy dist/ aside inside the repo so that node_modules resolve
 // (cp -r dist .tmp/dist-a), apply the change, build again, then
@@ -11,6 +13,7 @@
 // the load other programs put on the machine falls on both alike. A --cli value may carry
 // node options after the path: --cli 'dist/cli.js --max-semi-space-size=1'.
 
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
@@ -28,6 +31,7 @@ const { values } = parseArgs({
     seconds: { type: 'string', default: '4' },
     concurrency: { type: 'string', default: '16' },
     'node-options': { type: 'string', default: '' },
+    redis: { type: 'string' },
   },
 });
 setClockTicks(100);
@@ -36,12 +40,15 @@ async function main(): Promise<void> {
   const tmp = mkdtempSync(join(os.tmpdir(), 'mailsplice-logincpu-'));
   try {
     const { fake, users, routes } = await startFakeWorld(tmp, 50, 'u');
+    // The routes go into Redis the supported way (ctl import of the same routes file).
+    if (values.redis) execFileSync(process.execPath, [resolve('dist/cli.js'), 'ctl', 'import', routes, '--redis', values.redis], { stdio: 'inherit' });
+    const lookup = values.redis ? { redis: { url: values.redis } } : { file: routes };
     const nodeArgs = values['node-options']!.split(/\s+/).filter(Boolean);
     const proxies: { cli: string; port: number; pid: number; child: ReturnType<typeof spawnTracked>['child']; rows: { us: number; user: number; sys: number; rate: number }[] }[] = [];
     for (const [i, cli] of values.cli!.entries()) {
       const port = await freePort();
       const config = join(tmp, `ms${i}.yaml`);
-      writeFileSync(config, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup: { file: routes }, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
+      writeFileSync(config, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
       const [path = '', ...own] = cli.split(/\s+/);
       const { child, output } = spawnTracked(process.execPath, [...nodeArgs, ...own, resolve(path), 'serve', '--config', config]);
       for (let t = 0; t < 200 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
