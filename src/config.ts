@@ -49,13 +49,35 @@ const listener = z
     }
   });
 
-const backendTls = z.strictObject({
+const backendTlsFields = {
   mode: tlsMode.default('none'),
   /** CA bundle that signs the backends' certificates; the system store when absent. */
   ca: z.string().optional(),
   /** Name to check the certificate against; the slot's host when absent. */
   servername: z.string().optional(),
   verify: z.boolean().default(true),
+};
+
+/**
+ * TLS for one protocol of a slot group, over the group's own settings: a key left out is the
+ * group's. A Cyrus slot can then take IMAP and POP3 over implicit TLS and LMTP over STARTTLS
+ * (or over a trusted cleartext port) although the slot record has one host.
+ */
+const backendTlsOverride = z.strictObject({
+  mode: tlsMode.optional(),
+  ca: z.string().optional(),
+  servername: z.string().optional(),
+  verify: z.boolean().optional(),
+});
+
+export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp'] as const;
+export type BackendProtocol = (typeof BACKEND_PROTOCOLS)[number];
+
+const backendTlsWithProtocols = z.strictObject({
+  ...backendTlsFields,
+  imap: backendTlsOverride.optional(),
+  pop3: backendTlsOverride.optional(),
+  lmtp: backendTlsOverride.optional(),
 });
 
 /**
@@ -63,9 +85,35 @@ const backendTls = z.strictObject({
  * id (`*` any run of characters, `?` one; no wildcard means that exact id); the first group
  * with a matching pattern wins, a slot in no group uses backend.tls.
  */
-const backendTlsGroup = backendTls.extend({
+const backendTlsGroup = backendTlsWithProtocols.extend({
   slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
 });
+
+/**
+ * How mailsplice logs in to the backends of a group of slots (`slots`: globs as in
+ * tls_groups, first match wins). `admin_user` with `admin_password_file` is the slot
+ * group's admin: IMAP/POP3 log in as it on the user's behalf when `identity: admin`, and
+ * LMTP always authenticates as it (AUTH PLAIN) when the backend offers AUTH, whatever the
+ * IMAP/POP3 identity (Cyrus's lmtpd without -a wants an authenticated client).
+ */
+const identityGroup = z
+  .strictObject({
+    slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
+    identity: z.enum(['passthrough', 'admin']).default('passthrough'),
+    admin_user: z.string().min(1).optional(),
+    /** A file holding the admin's password (one line; a final newline is not part of it). */
+    admin_password_file: z.string().optional(),
+    /** The backend login: the full address, or its local part (a Cyrus without virtdomains). */
+    login_name: z.enum(['full', 'local_part']).default('full'),
+  })
+  .superRefine((g, ctx) => {
+    if ((g.admin_user === undefined) !== (g.admin_password_file === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['admin_password_file'], message: 'admin_user and admin_password_file go together' });
+    }
+    if (g.identity === 'admin' && g.admin_user === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['admin_user'], message: 'identity: admin needs admin_user and admin_password_file' });
+    }
+  });
 
 const sections = z.strictObject({
   listeners: z.array(listener).min(1),
@@ -137,8 +185,9 @@ const sections = z.strictObject({
     .strictObject({
       connect_timeout_ms: z.number().int().positive().default(5000),
       login_timeout_ms: z.number().int().positive().default(15_000),
-      tls: backendTls.prefault({}),
+      tls: backendTlsWithProtocols.prefault({}),
       tls_groups: z.array(backendTlsGroup).default([]),
+      identity_groups: z.array(identityGroup).default([]),
       /**
        * Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT.
        * On by default: a backend's per-address limits (Dovecot's auth penalty) must see the
@@ -232,7 +281,9 @@ function isWildcard(address: string): boolean {
 
 export type Config = z.infer<typeof schema>;
 export type ListenerConfig = Config['listeners'][number];
-export type BackendTlsConfig = Config['backend']['tls'];
+/** One resolved TLS setting towards a backend (the per-protocol overrides already applied). */
+export type BackendTlsConfig = Pick<Config['backend']['tls'], 'mode' | 'ca' | 'servername' | 'verify'>;
+export type IdentityGroupConfig = Config['backend']['identity_groups'][number];
 
 export class ConfigError extends Error {}
 
@@ -260,8 +311,11 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
     }
   }
   if (cfg.admin) cfg.admin.token_file = abs(cfg.admin.token_file);
-  cfg.backend.tls.ca = abs(cfg.backend.tls.ca);
-  for (const g of cfg.backend.tls_groups) g.ca = abs(g.ca);
+  for (const t of [cfg.backend.tls, ...cfg.backend.tls_groups]) {
+    t.ca = abs(t.ca);
+    for (const p of BACKEND_PROTOCOLS) if (t[p]) t[p].ca = abs(t[p].ca);
+  }
+  for (const g of cfg.backend.identity_groups) g.admin_password_file = abs(g.admin_password_file);
   if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
   return cfg;
 }

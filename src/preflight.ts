@@ -1,7 +1,8 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
-import { isLoopback, plaintextAllowed, type Config } from './config.js';
+import { readPasswordFile } from './auth/identity.js';
+import { BACKEND_PROTOCOLS, isLoopback, plaintextAllowed, type Config } from './config.js';
 
 // What the schema cannot see: the files a config names, and settings that are legal but
 // unsafe. `check-config` and `serve` both run this, so a config that one passes the other
@@ -49,8 +50,20 @@ export function preflight(cfg: Config): Preflight {
       errors.push(`${where}: ca ${ca}: ${describe(e)}`);
     }
   };
-  checkCa('backend.tls', cfg.backend.tls.ca);
-  cfg.backend.tls_groups.forEach((g, i) => checkCa(`backend.tls_groups.${i}`, g.ca));
+  const checkCas = (where: string, t: Config['backend']['tls']) => {
+    checkCa(where, t.ca);
+    for (const p of BACKEND_PROTOCOLS) checkCa(`${where}.${p}`, t[p]?.ca);
+  };
+  checkCas('backend.tls', cfg.backend.tls);
+  cfg.backend.tls_groups.forEach((g, i) => checkCas(`backend.tls_groups.${i}`, g));
+  cfg.backend.identity_groups.forEach((g, i) => {
+    if (g.admin_password_file === undefined) return;
+    try {
+      if (readPasswordFile(g.admin_password_file).length === 0) errors.push(`backend.identity_groups.${i}.admin_password_file ${g.admin_password_file} is empty`);
+    } catch (e) {
+      errors.push(`backend.identity_groups.${i}.admin_password_file: ${describe(e)}`);
+    }
+  });
   if (cfg.admin?.token_file !== undefined) {
     try {
       readAdminToken(cfg.admin.token_file);

@@ -144,6 +144,25 @@ describe('replies', () => {
     // An enhanced code of another class is text, not a code (RFC 3463 section 2).
     expect(a.push('250 5.0.0 odd')).toEqual({ code: 250, lines: ['5.0.0 odd'] });
   });
+  it("takes the enhanced code from whichever line has it (Cyrus: the last) and writes it once per line", () => {
+    const a = new ReplyAssembler();
+    expect(a.push('550-Mailbox unknown.  Either there is no mailbox associated with this')).toBeUndefined();
+    expect(a.push('550-name or you do not have authorization to see it.')).toBeUndefined();
+    const r = a.push('550 5.1.1 User unknown');
+    expect(r).toEqual({
+      code: 550,
+      enhanced: '5.1.1',
+      lines: ['Mailbox unknown.  Either there is no mailbox associated with this', 'name or you do not have authorization to see it.', 'User unknown'],
+    });
+    // Postfix reads the code from the first line: 5.1.1 there, and no default 5.0.0 anywhere.
+    expect(formatReply(r!)).toBe(
+      '550-5.1.1 Mailbox unknown.  Either there is no mailbox associated with this\r\n550-5.1.1 name or you do not have authorization to see it.\r\n550 5.1.1 User unknown\r\n',
+    );
+    // Codes on some lines only, or on every line: the first one stands, none stays in the text.
+    expect(a.push('452-4.2.2 first')).toBeUndefined();
+    expect(a.push('452-second')).toBeUndefined();
+    expect(a.push('452 4.2.2 third')).toEqual({ code: 452, enhanced: '4.2.2', lines: ['first', 'second', 'third'] });
+  });
   it('rejects malformed replies', () => {
     expect(() => new ReplyAssembler().push('hello')).toThrow(ReplySyntaxError);
     expect(() => new ReplyAssembler().push('099 x')).toThrow(ReplySyntaxError);

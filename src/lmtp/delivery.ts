@@ -1,3 +1,4 @@
+import { identityFor } from '../auth/identity.js';
 import { BackendRefused, backendTlsFor } from '../proxy/backend.js';
 import type { ProxyContext } from '../proxy/core.js';
 import type { LiveSession } from '../proxy/registry.js';
@@ -33,6 +34,8 @@ export interface Recipient {
   detail?: string;
   /** The route found at RCPT time. */
   route: Route;
+  /** RCPT parameters to pass on (e.g. IGNOREQUOTA), to each backend that announced them. */
+  params?: readonly string[];
 }
 
 /** The mailbox the backend is given: its own name for the user, with the client's +detail. */
@@ -75,6 +78,15 @@ interface LegRecipient {
   mailbox: string;
 }
 
+/**
+ * A MAIL refusal that is about the message, not the backend: its size. That one is the
+ * sender's answer as it is; any other refusal of a sender we accepted (Cyrus's 430 when it
+ * wants AUTH, a backend in trouble) is the backend's failure, and the recipients wait.
+ */
+function refusesMessageSize(r: Reply): boolean {
+  return r.code === 552 && (r.enhanced === '5.3.4' || r.enhanced === '5.2.3');
+}
+
 /** One backend LMTP transaction: the recipients of one slot. */
 class Leg {
   state: LegState = 'opening';
@@ -115,13 +127,15 @@ class Leg {
       port,
       connectTimeoutMs: ctx.backend.connect_timeout_ms,
       timeoutMs: this.d.settings.timeoutMs,
-      tls: backendTlsFor(ctx.backend, route.slot),
+      tls: backendTlsFor(ctx.backend, route.slot, 'lmtp'),
       lhlo: this.d.settings.hostname,
       ownListeners: ctx.ownListeners,
     };
+    const admin = identityFor(ctx.backend, route.slot).admin;
+    if (admin) this.opts.auth = admin;
     try {
       const { from, size, body8bit } = this.d.envelope;
-      const mailboxes = this.recipients.map((r) => r.mailbox);
+      const mailboxes = this.recipients.map((r) => (r.rcpt.params ? { mailbox: r.mailbox, params: r.rcpt.params } : { mailbox: r.mailbox }));
       const envOpts = { ...(size === undefined ? {} : { size }), body8bit };
       let env: Awaited<ReturnType<LmtpClient['envelope']>>;
       for (let attempt = 0; ; attempt++) {
@@ -146,8 +160,15 @@ class Leg {
       const client = this.client;
       this.unsubscribe = client.onFailure((e) => this.fail(e, 'lost'));
       if (!isPositive(env.mail)) {
-        // The backend refused the sender: that is every recipient's answer.
-        for (const r of this.recipients) this.d.settle(r.index, passThrough(env.mail));
+        if (refusesMessageSize(env.mail)) {
+          for (const r of this.recipients) this.d.settle(r.index, passThrough(env.mail));
+        } else {
+          // Never passed on as it is: a 430 would have Postfix retry for ever with nothing
+          // counted, a 5xx would bounce mail for a backend's own trouble.
+          this.d.totals.backendMailRefusals++;
+          this.noteFailure(new Error(`MAIL refused: ${replyText(env.mail)}`));
+          for (const r of this.recipients) this.d.settle(r.index, tempFail(r.rcpt.address, 'refused'));
+        }
         this.finishQuietly();
         return;
       }
@@ -264,7 +285,7 @@ class Leg {
   }
 }
 
-type FailWhy = 'unreachable' | 'lost' | 'unconfirmed' | 'moved';
+type FailWhy = 'unreachable' | 'lost' | 'unconfirmed' | 'moved' | 'refused';
 
 function tempFail(address: string, why: FailWhy): Reply {
   switch (why) {
@@ -272,6 +293,8 @@ function tempFail(address: string, why: FailWhy): Reply {
       return reply(451, '4.4.1', `<${address}> Mail store not reachable, try again later`);
     case 'moved':
       return reply(451, '4.3.0', `<${address}> Mailbox is being moved, try again later`);
+    case 'refused':
+      return reply(451, '4.3.0', `<${address}> Mail store refused the transaction, try again later`);
     case 'unconfirmed':
       return reply(451, '4.4.2', `<${address}> Mail store did not confirm delivery, try again later`);
     default:
@@ -286,6 +309,8 @@ function passThrough(r: Reply): Reply {
 
 export interface DeliveryCounters {
   backendFailures: number;
+  /** Backend transactions whose MAIL was refused (also counted in backendFailures). */
+  backendMailRefusals: number;
 }
 
 export class Delivery {

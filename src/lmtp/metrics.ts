@@ -18,6 +18,8 @@ export interface LmtpTotals {
   delivery: Record<DeliveryResult, number>;
   /** Backend transactions that failed (connect, timeout, lost connection). */
   backendFailures: number;
+  /** Of those, the ones where the backend refused MAIL FROM (e.g. Cyrus's 430 without AUTH). */
+  backendMailRefusals: number;
 }
 
 export function newLmtpTotals(): LmtpTotals {
@@ -28,6 +30,7 @@ export function newLmtpTotals(): LmtpTotals {
     rcpt: { accepted: 0, unknown: 0, locked: 0, unavailable: 0, refused: 0 },
     delivery: { delivered: 0, deferred: 0, rejected: 0 },
     backendFailures: 0,
+    backendMailRefusals: 0,
   };
 }
 
@@ -56,7 +59,12 @@ export function registerLmtpMetrics(registry: Registry, totals: LmtpTotals = lmt
     });
   counter('mailsplice_lmtp_transactions_total', 'LMTP mail transactions that reached the end of DATA', () => totals.transactions);
   counter('mailsplice_lmtp_bytes_total', 'Message bytes received over LMTP', () => totals.bytes);
-  counter('mailsplice_lmtp_backend_failures_total', 'Backend LMTP transactions that failed (connect, timeout, connection lost)', () => totals.backendFailures);
+  counter('mailsplice_lmtp_backend_failures_total', 'Backend LMTP transactions that failed (connect, AUTH, MAIL refused, timeout, connection lost)', () => totals.backendFailures);
+  counter(
+    'mailsplice_lmtp_backend_mail_refusals_total',
+    'Backend LMTP transactions whose MAIL FROM the backend refused (e.g. 430 Authentication required); the recipients got 451',
+    () => totals.backendMailRefusals,
+  );
   new Counter({
     name: 'mailsplice_lmtp_rcpt_total',
     help: 'RCPT TO answers by result',

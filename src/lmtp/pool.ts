@@ -31,7 +31,8 @@ export class BackendPool {
 
   static key(opts: LmtpClientOptions): string {
     const t: BackendTlsConfig = opts.tls;
-    return [opts.host, opts.port, t.mode, t.servername ?? '', t.ca ?? '', t.verify].join('\0');
+    // Who we authenticated as is part of what a connection is: never lend it to another identity.
+    return [opts.host, opts.port, t.mode, t.servername ?? '', t.ca ?? '', t.verify, opts.auth?.user ?? ''].join('\0');
   }
 
   /** An idle connection to that backend if there is a usable one, else a new one. */

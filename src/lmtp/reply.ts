@@ -38,6 +38,8 @@ export function reply(code: number, enhanced: string | undefined, ...lines: stri
 /**
  * Wire form of a reply. `withEnhanced` follows RFC 2034: once ENHANCEDSTATUSCODES is
  * advertised every reply except the greeting and the LHLO reply carries one, on every line.
+ * Every line gets the reply's one code (the backend's own, wherever it was): Postfix's
+ * LMTP client reads the enhanced code from the first line of a multi-line reply.
  */
 export function formatReply(r: Reply, withEnhanced = true): string {
   const enhanced = withEnhanced && r.code >= 200 && r.code !== 354 ? `${r.enhanced ?? defaultEnhanced(r.code)} ` : '';
@@ -63,8 +65,11 @@ const ENHANCED = /^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)/;
 
 /**
  * Accumulates reply lines into replies. A multi-line reply ("250-a", "250 b") is one reply;
- * every line must carry the same code. The enhanced code is taken from the first line when
- * its class matches the reply code (RFC 3463 section 2), and stripped from every line.
+ * every line must carry the same code. The enhanced code is taken from the first line that
+ * carries one whose class matches the reply code (RFC 3463 section 2), whichever line that
+ * is: Cyrus puts it on the last line only ("550-Mailbox unknown..." then "550 5.1.1 User
+ * unknown"). Each line's own code is taken off its text, so formatReply() writes the one
+ * real code and never a second one.
  */
 export class ReplyAssembler {
   private code: number | undefined;
@@ -80,13 +85,13 @@ export class ReplyAssembler {
     const code = Number(m[1]);
     if (code < 200 || code > 599) throw new ReplySyntaxError(`reply code out of range: ${code}`);
     if (this.code !== undefined && code !== this.code) throw new ReplySyntaxError(`reply code changed within a multi-line reply: ${this.code} then ${code}`);
+    this.code = code;
     let text = m[3] ?? '';
-    if (this.code === undefined) {
-      this.code = code;
-      const e = ENHANCED.exec(text);
-      if (e && Number(e[1]) === Math.floor(code / 100)) this.enhanced = `${e[1]}.${e[2]}.${e[3]}`;
+    const e = ENHANCED.exec(text);
+    if (e && Number(e[1]) === Math.floor(code / 100)) {
+      this.enhanced ??= `${e[1]}.${e[2]}.${e[3]}`;
+      text = text.slice(e[0].length);
     }
-    if (this.enhanced && text.startsWith(this.enhanced)) text = text.slice(this.enhanced.length).replace(/^ /, '');
     this.lines.push(text);
     if (this.lines.length > this.maxLines) throw new ReplySyntaxError(`reply longer than ${this.maxLines} lines`);
     if (m[2] === '-') return undefined;

@@ -52,6 +52,15 @@ const INPUT_HIGH_WATER = 64 * 1024;
 
 const BAD_SEQUENCE = (text: string) => reply(503, '5.5.1', text);
 
+/**
+ * RCPT parameters we offer in LHLO and pass on (keyword only, no value). IGNOREQUOTA is
+ * Cyrus's: deliver even over quota. Passed to every backend of the transaction that
+ * announced it, and left off for one that did not (Dovecot's LMTP): that backend then
+ * applies its quota, and an over-quota mailbox gets its own 452/552, so nothing is lost and
+ * no other recipient's delivery depends on it.
+ */
+const RCPT_PARAMS: readonly string[] = ['IGNOREQUOTA'];
+
 export class LmtpSession {
   private buf: Buffer = EMPTY;
   private ended = false;
@@ -316,7 +325,9 @@ export class LmtpSession {
     // Not offered: SMTPUTF8, because the backends (Dovecot 2.3) do not offer it and we could
     // not pass it on; CHUNKING (BDAT), because Postfix's LMTP client never uses it, so DATA
     // is the one path to get right. DSN is not offered either: no NOTIFY/ORCPT to pass on.
-    const caps = ['PIPELINING', 'ENHANCEDSTATUSCODES', '8BITMIME', `SIZE ${this.env.cfg.max_message_size}`];
+    // IGNOREQUOTA (Cyrus) is: it goes to each backend that announced it, and is left off
+    // for one that did not, which then applies its quota as usual (see RCPT_PARAMS).
+    const caps = ['PIPELINING', 'ENHANCEDSTATUSCODES', '8BITMIME', `SIZE ${this.env.cfg.max_message_size}`, ...RCPT_PARAMS];
     this.write(reply(250, undefined, this.env.cfg.hostname, ...caps), false);
     return true;
   }
@@ -368,9 +379,17 @@ export class LmtpSession {
       this.count('refused');
       return reply(501, '5.1.3', `Bad recipient address syntax${typeof p === 'string' ? `: ${p}` : ''}`);
     }
-    if (p.params.size > 0) {
-      this.count('refused');
-      return reply(555, '5.5.4', `Unsupported parameter ${[...p.params.keys()][0]}`);
+    const params: string[] = [];
+    for (const [key, value] of p.params) {
+      if (!RCPT_PARAMS.includes(key)) {
+        this.count('refused');
+        return reply(555, '5.5.4', `Unsupported parameter ${key}`);
+      }
+      if (value !== true) {
+        this.count('refused');
+        return reply(501, '5.5.4', `${key} takes no value`);
+      }
+      params.push(key);
     }
     if (tx.accepted.length >= this.env.cfg.max_recipients) {
       this.count('refused');
@@ -403,6 +422,11 @@ export class LmtpSession {
     if (unique === undefined) {
       unique = tx.unique.push({ address, login: found.login, route: found.route, ...(found.detail === undefined ? {} : { detail: found.detail }) }) - 1;
       tx.byKey.set(key, unique);
+    }
+    // One delivery for a repeated recipient: it carries every parameter any of its RCPTs gave.
+    if (params.length) {
+      const u = tx.unique[unique]!;
+      u.params = [...new Set([...(u.params ?? []), ...params])];
     }
     tx.accepted.push({ unique });
     this.count('accepted');

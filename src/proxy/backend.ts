@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from 'node:tls';
-import type { BackendTlsConfig, Config } from '../config.js';
+import type { BackendProtocol, BackendTlsConfig, Config } from '../config.js';
 import type { LineReader } from './lines.js';
 
 /** Why a backend login did not happen; the front ends map it to their protocol's words. */
@@ -64,17 +64,32 @@ export interface BackendOptions {
 
 /**
  * The TLS settings for one slot: the first `backend.tls_groups` entry with a matching
- * pattern, else `backend.tls`. Patterns are compiled once per config object.
+ * pattern, else `backend.tls`; for `protocol`, that entry's own `imap`/`pop3`/`lmtp`
+ * settings over it. Patterns are compiled once per config object.
  */
-export function backendTlsFor(backend: Config['backend'], slot: string): BackendTlsConfig {
-  for (const group of backend.tls_groups) {
-    let patterns = globCache.get(group);
-    if (!patterns) globCache.set(group, (patterns = group.slots.map(globToRegExp)));
-    if (patterns.some((re) => re.test(slot))) return group;
+export function backendTlsFor(backend: Config['backend'], slot: string, protocol?: BackendProtocol): BackendTlsConfig {
+  const group = backend.tls_groups.find((g) => {
+    let patterns = globCache.get(g);
+    if (!patterns) globCache.set(g, (patterns = g.slots.map(globToRegExp)));
+    return patterns.some((re) => re.test(slot));
+  }) ?? backend.tls;
+  const override = protocol === undefined ? undefined : group[protocol];
+  if (!override) return group;
+  // One merged object per override, kept: the TLS context cache below is keyed by identity.
+  let merged = mergedCache.get(override);
+  if (!merged) {
+    merged = {
+      mode: override.mode ?? group.mode,
+      verify: override.verify ?? group.verify,
+      ...(override.ca ?? group.ca ? { ca: override.ca ?? group.ca } : {}),
+      ...(override.servername ?? group.servername ? { servername: override.servername ?? group.servername } : {}),
+    };
+    mergedCache.set(override, merged);
   }
-  return backend.tls;
+  return merged;
 }
 
+const mergedCache = new WeakMap<object, BackendTlsConfig>();
 const globCache = new WeakMap<object, RegExp[]>();
 
 /** `*` any run, `?` one character, everything else literal; the whole id must match. */

@@ -258,7 +258,7 @@ export abstract class PreauthConnection implements Expiring {
     this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
     let result: T;
     try {
-      const tls = backendTlsFor(this.ctx.backend, route.slot);
+      const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });
       this.backendSocket = sock;
       if (this.ctx.ownListeners.reaches(sock)) {
