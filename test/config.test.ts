@@ -3,7 +3,9 @@ import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
+import { identityFor } from '../src/auth/identity.js';
 import { ConfigError, loadConfig, parseConfig, plaintextAllowed } from '../src/config.js';
+import { backendTlsFor } from '../src/proxy/backend.js';
 import { tempDir } from './support/tmp.js';
 
 const execFileP = promisify(execFile);
@@ -58,5 +60,41 @@ describe('config', () => {
     const err = await execFileP(process.execPath, ['--import', 'tsx', cli, 'serve', '--config', p]).catch((e: { code: number; stderr: string }) => e);
     expect(err).toMatchObject({ code: 78 });
     expect((err as { stderr: string }).stderr).toMatch(/Unrecognized key: "limitz"/);
+  });
+
+  it('takes per-protocol backend TLS over the slot group, key by key (IMAP over TLS, LMTP cleartext or STARTTLS)', () => {
+    const cfg = parseConfig(
+      {
+        listeners: [{ protocol: 'imap', port: 1143 }],
+        lookup: { file: 'r.yaml' },
+        backend: {
+          tls: { mode: 'starttls', lmtp: { mode: 'none' } },
+          tls_groups: [{ slots: ['cyrus*'], mode: 'implicit', ca: 'ca.pem', servername: 'store.test', lmtp: { mode: 'starttls', verify: false } }],
+        },
+      },
+      't',
+      dir,
+    );
+    const b = cfg.backend;
+    expect(backendTlsFor(b, 'cyrus1', 'imap')).toMatchObject({ mode: 'implicit', ca: join(dir, 'ca.pem'), servername: 'store.test', verify: true });
+    expect(backendTlsFor(b, 'cyrus1', 'lmtp')).toEqual({ mode: 'starttls', ca: join(dir, 'ca.pem'), servername: 'store.test', verify: false });
+    // The same object each time: the TLS context cache is keyed by it.
+    expect(backendTlsFor(b, 'cyrus1', 'lmtp')).toBe(backendTlsFor(b, 'cyrus2', 'lmtp'));
+    expect(backendTlsFor(b, 'slotA', 'pop3')).toMatchObject({ mode: 'starttls' });
+    expect(backendTlsFor(b, 'slotA', 'lmtp')).toEqual({ mode: 'none', verify: true });
+    expect(() => parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'a' }, backend: { tls: { lmtp: { mode: 'tls' } } } }, 'x')).toThrow(/backend\.tls\.lmtp\.mode/);
+  });
+
+  it('reads backend identity groups: the admin and its password file go together', () => {
+    const pw = file('admin.pw', 's3cret\n');
+    const doc = (identity_groups: object[]) => ({ listeners: [{ protocol: 'imap', port: 1143 }], lookup: { file: 'r.yaml' }, backend: { identity_groups } });
+    const cfg = parseConfig(doc([{ slots: ['cyrus*'], admin_user: 'cyrusadmin', admin_password_file: 'admin.pw', login_name: 'local_part' }]), 't', dir);
+    const id = identityFor(cfg.backend, 'cyrus1');
+    expect(id).toMatchObject({ mode: 'passthrough', loginName: 'local_part', admin: { user: 'cyrusadmin' } });
+    expect(id.admin?.password.toString()).toBe('s3cret');
+    expect(identityFor(cfg.backend, 'slotA')).toEqual({ mode: 'passthrough', loginName: 'full' });
+    expect(pw).toBe(join(dir, 'admin.pw'));
+    expect(() => parseConfig(doc([{ slots: ['a'], admin_user: 'x' }]), 'x')).toThrow(/admin_user and admin_password_file go together/);
+    expect(() => parseConfig(doc([{ slots: ['a'], identity: 'admin' }]), 'x')).toThrow(/identity: admin needs admin_user/);
   });
 });
