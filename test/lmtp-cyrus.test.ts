@@ -32,6 +32,7 @@ const logLines: string[] = [];
 const ann = { name: 'ann', password: 'annpw' };
 const tim = { name: 'tim', password: 'timpw' };
 const full = { name: 'full', password: 'fullpw' };
+const WRONG_PASSWORD = 'not-the-admin-password';
 
 beforeAll(async () => {
   tmp = await mkdtemp(path.join(os.tmpdir(), 'mailsplice-lmtp-cyrus-'));
@@ -48,9 +49,11 @@ beforeAll(async () => {
   routes.slots.cyrusP = cyrus(cyrusP, cyrusP.imap);
   routes.slots.cyrusT = cyrus(cyrusT, cyrusT.imaps!);
   routes.slots.cyrusNoAdmin = cyrus(cyrusP, cyrusP.imap);
+  routes.slots.cyrusBadPw = cyrus(cyrusP, cyrusP.imap);
   routes.stores.cstoreP = { master: 'cyrusP', replicas: '', status: 'active', epoch: '1' };
   routes.stores.cstoreT = { master: 'cyrusT', replicas: '', status: 'active', epoch: '1' };
   routes.stores.cstoreN = { master: 'cyrusNoAdmin', replicas: '', status: 'active', epoch: '1' };
+  routes.stores.cstoreB = { master: 'cyrusBadPw', replicas: '', status: 'active', epoch: '1' };
   // Cyrus runs without virtdomains: the backend's name for a user is the bare one.
   routes.users['ann@example.com'] = { store: 'cstoreP', backend_login: 'ann' };
   routes.users['full@example.com'] = { store: 'cstoreP', backend_login: 'full' };
@@ -58,12 +61,15 @@ beforeAll(async () => {
   routes.users['ghost@example.com'] = { store: 'cstoreP', backend_login: 'ghost' };
   routes.users['tim@example.com'] = { store: 'cstoreT', backend_login: 'tim' };
   routes.users['nina@example.com'] = { store: 'cstoreN', backend_login: 'ann' };
+  routes.users['bea@example.com'] = { store: 'cstoreB', backend_login: 'ann' };
   // Routed, but slotA's userdb lacks it: Dovecot's single-line 550 5.1.1.
   routes.users['ghost2@example.com'] = { store: 'store1' };
   const routesFile = path.join(tmp, 'routes.yaml');
   writeRoutesFile(routesFile, routes);
   const adminPw = path.join(tmp, 'cyrus-admin.pw');
   await writeFile(adminPw, `${CYRUS_ADMIN.password}\n`, { mode: 0o600 });
+  const wrongPw = path.join(tmp, 'wrong.pw');
+  await writeFile(wrongPw, WRONG_PASSWORD, { mode: 0o600 });
   proxy = await startProxy(
     {
       listeners: [{ protocol: 'lmtp' }, { protocol: 'imap' }],
@@ -72,7 +78,10 @@ beforeAll(async () => {
         // IMAP/POP3 over implicit TLS, LMTP over STARTTLS to the same host: one slot record.
         tls_groups: [{ slots: ['cyrusT'], mode: 'implicit', ca: ca.certFile, servername: 'cyrust.test', lmtp: { mode: 'starttls' } }],
         // The IMAP identity stays passthrough; LMTP authenticates as the admin all the same.
-        identity_groups: [{ slots: ['cyrusP', 'cyrusT'], identity: 'passthrough', admin_user: CYRUS_ADMIN.name, admin_password_file: adminPw, login_name: 'local_part' }],
+        identity_groups: [
+          { slots: ['cyrusP', 'cyrusT'], identity: 'passthrough', admin_user: CYRUS_ADMIN.name, admin_password_file: adminPw, login_name: 'local_part' },
+          { slots: ['cyrusBadPw'], admin_user: CYRUS_ADMIN.name, admin_password_file: wrongPw },
+        ],
       },
       lmtp: { timeout_ms: 10_000 },
     },
@@ -221,6 +230,19 @@ describe('LMTP to Cyrus', () => {
     expect(await cyrusImap(cyrusP, ann)).not.toContain(subject);
     // The metric as scraped.
     expect(await createMetrics(proxy.server.ctx).metrics()).toMatch(/^mailsplice_lmtp_backend_mail_refusals_total [1-9]/m);
+  });
+
+  it('answers 451 for the recipients of a backend that refuses our AUTH, counted, and never logs the password', async () => {
+    const failures = lmtpTotals.backendFailures;
+    const t = await transaction(['bea@example.com', 'ann@example.com'], message().body);
+    expect(t.results.map((r) => r.at(-1))).toEqual(['451 4.4.2 <bea@example.com> Connection to mail store failed, try again later', expect.stringMatching(/^250 /)]);
+    expect(lmtpTotals.backendFailures).toBe(failures + 1);
+    const log = logLines.join('');
+    expect(log).toMatch(/lmtp backend failed.*cyrusBadPw.*AUTH PLAIN as cyrusadmin: 5\d\d /); // Cyrus 3.6 says "501 5.5.4 undefined error!"
+    for (const secret of [WRONG_PASSWORD, CYRUS_ADMIN.password]) {
+      expect(log).not.toContain(secret);
+      expect(log).not.toContain(Buffer.from(`\0${CYRUS_ADMIN.name}\0${secret}`).toString('base64'));
+    }
   });
 });
 
