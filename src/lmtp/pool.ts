@@ -1,6 +1,15 @@
 import type { BackendTlsConfig } from '../config.js';
 import { LmtpClient, type LmtpClientOptions } from './client.js';
 
+const authIds = new WeakMap<object, number>();
+let nextAuthId = 1;
+
+function authId(auth: object): number {
+  let id = authIds.get(auth);
+  if (id === undefined) authIds.set(auth, (id = nextAuthId++));
+  return id;
+}
+
 /**
  * Idle backend LMTP connections, kept for the next transaction to the same slot: the same
  * connection caching Postfix does towards us. It saves, per message, a TCP (maybe TLS)
@@ -31,8 +40,10 @@ export class BackendPool {
 
   static key(opts: LmtpClientOptions): string {
     const t: BackendTlsConfig = opts.tls;
-    // Who we authenticated as is part of what a connection is: never lend it to another identity.
-    return [opts.host, opts.port, t.mode, t.servername ?? '', t.ca ?? '', t.verify, opts.auth?.user ?? ''].join('\0');
+    // The credentials we authenticated with are part of what a connection is: never lend it
+    // to another identity (nor to a group whose admin password differs). Numbered per
+    // credentials object, which lives as long as its config: no secret goes into the key.
+    return [opts.host, opts.port, t.mode, t.servername ?? '', t.ca ?? '', t.verify, opts.auth ? authId(opts.auth) : ''].join('\0');
   }
 
   /** An idle connection to that backend if there is a usable one, else a new one. */
