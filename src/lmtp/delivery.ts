@@ -131,9 +131,10 @@ class Leg {
       lhlo: this.d.settings.hostname,
       ownListeners: ctx.ownListeners,
     };
-    const admin = identityFor(ctx.backend, route.slot).admin;
-    if (admin) this.opts.auth = admin;
     try {
+      // Inside the try: an admin password file that cannot be read fails this leg (451), not the session.
+      const admin = identityFor(ctx.backend, route.slot).admin;
+      if (admin) this.opts.auth = admin;
       const { from, size, body8bit } = this.d.envelope;
       const mailboxes = this.recipients.map((r) => (r.rcpt.params ? { mailbox: r.mailbox, params: r.rcpt.params } : { mailbox: r.mailbox }));
       const envOpts = { ...(size === undefined ? {} : { size }), body8bit };
