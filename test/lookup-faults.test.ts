@@ -328,11 +328,11 @@ describe('one staleness rule (item 9)', () => {
     const p = await startProxy({ redis: { url: redisUrl } });
     await expect.poll(() => p.server.router.stats.live).toBe(true);
     const route: Route = await p.server.router.resolve('alice@example.com');
-    expect(p.server.router.stillValid(route)).toBe(true);
+    expect(p.server.router.stillValid(route, 'imap')).toBe(true);
     const events = p.server.router.stats.events;
     await changeInRedis(redisUrl, 'user', 'alice@example.com', { backend_login: 'alice-renamed@example.com' });
     await expect.poll(() => p.server.router.stats.events).toBeGreaterThan(events);
-    expect(p.server.router.stillValid(route)).toBe(false);
+    expect(p.server.router.stillValid(route, 'imap')).toBe(false);
     // ... as the event path does for a session already spliced.
     const renamed = p.server.router.stats.events;
     await changeInRedis(redisUrl, 'user', 'alice@example.com', { backend_login: 'alice@example.com' });

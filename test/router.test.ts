@@ -204,7 +204,7 @@ describe('Router', () => {
     await expect(router.resolve('bob@example.com')).rejects.toMatchObject({ kind: 'unavailable' });
     expect(changes.some(([ev, rec]) => ev.id === 's2' && rec instanceof MalformedRecord)).toBe(true);
     const route = { login: 'bob@example.com', backendLogin: 'bob@example.com', store: 's2', slot: 'B', host: '127.0.0.12', ports: { imap: 143 } };
-    expect(router.stillValid(route)).toBe(false);
+    expect(router.stillValid(route, 'imap')).toBe(false);
   });
 
   describe('retries of a failed resync', () => {
@@ -271,14 +271,14 @@ describe('Router', () => {
     src.setLive(true);
     await tick();
     const route = await router.resolve('alice@example.com');
-    expect(router.stillValid(route)).toBe(true);
+    expect(router.stillValid(route, 'imap')).toBe(true);
     src.users.set('alice@example.com', { store: 's1', status: 'active', backendLogin: 'alice2' });
     src.publish({ kind: 'user', id: 'alice@example.com' });
     await tick();
-    expect(router.stillValid(route)).toBe(false);
+    expect(router.stillValid(route, 'imap')).toBe(false);
     src.users.delete('alice@example.com');
     src.publish({ kind: 'user', id: 'alice@example.com' });
     await tick();
-    expect(router.stillValid(route)).toBe(false); // gone: a tombstone, not "not cached"
+    expect(router.stillValid(route, 'imap')).toBe(false); // gone: a tombstone, not "not cached"
   });
 });

@@ -130,7 +130,7 @@ describe('a login that races a failover', () => {
     c.write(`a1 LOGIN alice@example.com alicepw\r\na2 APPEND INBOX {${msg.length}+}\r\n${msg}\r\na3 NOOP\r\n`);
     await expect.poll(() => relayImap.holding, { timeout: 10_000 }).toBe(1);
     await setMaster('slotB');
-    expect(server.router.stillValid(routeOnA('alice@example.com'))).toBe(false);
+    expect(server.router.stillValid(routeOnA('alice@example.com'), 'imap')).toBe(false);
     relayImap.release();
     await c.until(/\r\na3 (OK|NO|BAD)/);
     expect(c.text).toMatch(/\r\na1 OK /);

@@ -282,7 +282,7 @@ class Leg {
 
   /** Any route this leg holds that an event made wrong while it was being opened. */
   stale(): boolean {
-    return this.recipients.some((r) => !this.ctx.router.stillValid(r.rcpt.route));
+    return this.recipients.some((r) => !this.ctx.router.stillValid(r.rcpt.route, 'lmtp'));
   }
 }
 

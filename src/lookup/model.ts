@@ -118,16 +118,18 @@ export type ObjectRecord = UserRecord | StoreRecord | SlotRecord;
 // ---- The one rule: does a session still match its route? -------------------------------
 
 /**
- * Why a session on `route` must end, given what is now known of one object it depends on
- * (`kind`: its user, its store or its slot); undefined when the session may stay.
+ * Why a `protocol` session on `route` must end, given what is now known of one object it
+ * depends on (`kind`: its user, its store or its slot); undefined when the session may stay.
  *
  * This is the only statement of the rule. The event path and the resync (the session
  * registry is told of every re-read object) and the login re-check (`Router.stillValid`,
  * which asks it about every cached object of a fresh route) all call it, so a session is
  * ended for exactly the changes that give a new login another route or none: moved,
- * renamed on the backend, locked, gone, unreadable, slot down or readdressed.
+ * renamed on the backend, locked, gone, unreadable, slot down or readdressed. A slot is
+ * readdressed for a session when its host or the port of the session's own protocol
+ * changed: a new LMTP port says nothing about an IMAP session's server.
  */
-export function staleReason(kind: 'user' | 'store' | 'slot', rec: Known<ObjectRecord>, route: Route): string | undefined {
+export function staleReason(kind: 'user' | 'store' | 'slot', rec: Known<ObjectRecord>, route: Route, protocol: Protocol): string | undefined {
   if (kind === 'user') {
     if (rec instanceof MalformedRecord) return 'account record unreadable';
     const u = usable(rec) as UserRecord | undefined;
@@ -146,9 +148,7 @@ export function staleReason(kind: 'user' | 'store' | 'slot', rec: Known<ObjectRe
     const s = usable(rec) as SlotRecord | undefined;
     if (!s) return 'server removed';
     if (s.status !== 'up') return 'server down';
-    if (s.host !== route.host || s.ports.imap !== route.ports.imap || s.ports.pop3 !== route.ports.pop3 || s.ports.lmtp !== route.ports.lmtp) {
-      return 'server address changed';
-    }
+    if (s.host !== route.host || s.ports[protocol] !== route.ports[protocol]) return 'server address changed';
   }
   return undefined;
 }

@@ -5,6 +5,7 @@ import {
   routeFrom,
   staleReason,
   type Known,
+  type Protocol,
   type Route,
   type SlotRecord,
   type StoreRecord,
@@ -453,14 +454,15 @@ export class Router {
    * Whether a route handed out earlier still holds, judged by the cache with the model's
    * one rule. A login that raced an event checks this once its session is registered, so
    * no session escapes an event. An object that is not cached cannot be judged: true.
+   * One rule for every protocol: the session's own protocol says which port matters.
    */
-  stillValid(route: Route): boolean {
+  stillValid(route: Route, protocol: Protocol): boolean {
     const user = this.users.get(route.login);
-    if (user !== undefined && staleReason('user', user, route)) return false;
+    if (user !== undefined && staleReason('user', user, route, protocol)) return false;
     const store = this.stores.get(route.store);
-    if (store !== undefined && staleReason('store', store, route)) return false;
+    if (store !== undefined && staleReason('store', store, route, protocol)) return false;
     const slot = this.slots.get(route.slot);
-    if (slot !== undefined && staleReason('slot', slot, route)) return false;
+    if (slot !== undefined && staleReason('slot', slot, route, protocol)) return false;
     return true;
   }
 

@@ -313,7 +313,7 @@ export abstract class PreauthConnection implements Expiring {
    * in one go, so any later event finds the session.
    */
   splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): boolean {
-    if (!this.ctx.router.stillValid(route)) return false;
+    if (!this.ctx.router.stillValid(route, protocol)) return false;
     this.ctx.sweep.delete(this);
     const clientRest = this.reader.detach();
     if (this.socket.destroyed || this.socket.writableEnded) {

@@ -69,7 +69,7 @@ export class SessionRegistry implements ChangeListener {
   /** An object was re-read (event or resync): end the sessions the model's rule says are stale. */
   changed(ev: ChangeEvent, rec: ReadResult): void {
     for (const s of this.sessionsOf(ev.kind, ev.id)) {
-      const reason = staleReason(ev.kind, rec, s.route);
+      const reason = staleReason(ev.kind, rec, s.route, s.protocol);
       if (reason) {
         this.remove(s);
         this.endedByEvents++;
