@@ -1,5 +1,7 @@
 import type { Socket } from 'node:net';
 import type { Protocol, Route } from '../lookup/model.js';
+import type { Logger } from '../log.js';
+import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from './imap-commands.js';
 import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from './imap-framing.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
 import type { Expiring, Sweep } from './sweep.js';
@@ -10,6 +12,7 @@ export interface SpliceEnv {
   sweep: Sweep;
   /** half_close_timeout_ms: how long a client may keep its side open after the backend closed. */
   limits: { half_close_timeout_ms: number };
+  log: Logger;
 }
 
 /** Bytes through all splices, for metrics (one add per chunk, no per-session counters). */
@@ -37,7 +40,7 @@ function onClientDrain(this: Socket): void {
 }
 function onBackendDrain(this: Socket): void {
   const s = sessionOf(this);
-  if (!s.closed) s.client.resume();
+  if (!s.closed && !s.held) s.client.resume();
 }
 // Half-closes are passed on so a pipelined LOGOUT still gets its answer.
 function onClientEnd(this: Socket): void {
@@ -70,6 +73,10 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
   deadline = 0;
   /** Set once the session is over: after that nothing is forwarded either way. */
   closed = false;
+  /** IMAP: where the client's commands are (see imap-commands.ts). */
+  private readonly commands: ClientCommands | undefined;
+  /** IMAP: client bytes held while the client must wait for the server's answer (rare, short). */
+  held: Buffer | undefined;
 
   constructor(
     readonly protocol: Protocol,
@@ -79,7 +86,9 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
     private readonly env: SpliceEnv,
     /** The line to send the client when an event ends the session, if the protocol has one. */
     private readonly farewell: ((reason: string) => string) | undefined,
-  ) {}
+  ) {
+    this.commands = protocol === 'imap' ? new ClientCommands() : undefined;
+  }
 
   /**
    * Starts the splice; the pending buffers are bytes already read past the login. When the
@@ -94,19 +103,27 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
     client.on('data', onClientData).on('drain', onClientDrain).on('end', onClientEnd).on('error', onFailure).on('close', onFailure);
     backend.on('data', onBackendData).on('drain', onBackendDrain).on('end', onBackendEnd).on('error', onFailure).on('close', onBackendClose);
     this.env.registry.add(this);
-    if (pendingToBackend.length) backend.write(pendingToBackend);
-    if (clientEnded) endOnce(backend);
     if (this.farewell) initialFraming(this);
     if (pendingToClient.length) {
       if (this.farewell) trackFraming(this, pendingToClient);
       client.write(pendingToClient);
     }
-    client.resume();
+    // What the client pipelined behind its login goes through the command tracker too.
+    if (pendingToBackend.length) this.fromClient(pendingToBackend);
+    if (this.closed) return;
+    if (clientEnded) endOnce(backend);
+    if (!this.held) client.resume();
     backend.resume();
   }
 
   fromClient(c: Buffer): void {
     if (this.closed) return; // after end() nothing may reach the old backend
+    const t = this.commands;
+    if (t && !t.compressed) {
+      if (t.wait !== Wait.NONE) return this.hold(c);
+      const stop = trackCommands(t, c);
+      if (stop < c.length || t.verdict !== Verdict.NONE) return this.stopped(t, c, stop);
+    }
     spliceTotals.clientToBackend += c.length;
     if (!this.backend.write(c)) this.client.pause();
   }
@@ -114,8 +131,38 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
   fromBackend(c: Buffer): void {
     if (this.closed) return;
     spliceTotals.backendToClient += c.length;
-    if (this.farewell) trackFraming(this, c);
+    const t = this.commands;
+    if (t && t.wait !== Wait.NONE) watchAnswers(t, this, c);
+    else if (this.farewell && !t?.compressed) trackFraming(this, c);
     if (!this.client.write(c)) this.backend.pause();
+    if (t && t.wait === Wait.NONE && this.held) this.release();
+  }
+
+  /** The client tracker stopped inside `c`: a refused command, or the client must wait for the server. */
+  private stopped(t: ClientCommands, c: Buffer, stop: number): void {
+    if (t.verdict !== Verdict.NONE) {
+      const what = t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE' : 'a literal count no client sends';
+      this.env.log.info('session ended: the client used what the proxy does not pass on', { login: this.route.login, slot: this.route.slot, what });
+      this.end(t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE is not available through this proxy' : 'Protocol error');
+      return;
+    }
+    spliceTotals.clientToBackend += stop;
+    this.backend.write(c.subarray(0, stop));
+    if (stop < c.length) this.hold(c.subarray(stop));
+  }
+
+  /** Keeps client bytes until the server has answered the command the client must wait for. */
+  private hold(c: Buffer): void {
+    this.held = this.held ? Buffer.concat([this.held, c]) : c;
+    this.client.pause();
+  }
+
+  /** The server answered: what the client sent meanwhile goes through the tracker now. */
+  private release(): void {
+    const held = this.held!;
+    this.held = undefined;
+    if (!this.backend.writableNeedDrain) this.client.resume();
+    this.fromClient(held);
   }
 
   /** An event made this session wrong: say so where the protocol allows, then close both sides. */
@@ -133,7 +180,10 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
     // Mid-response (inside a literal, or a line half sent) a BYE would corrupt what the
     // client is parsing: then the connection is just closed, which every client handles as
     // a lost connection.
-    if (this.farewell && atResponseBoundary(this) && !this.client.writableEnded) this.client.write(this.farewell(reason));
+    // After COMPRESS (or while its answer is awaited) the stream is deflate: plaintext would
+    // corrupt it, so the connection is just closed.
+    const deflating = this.commands !== undefined && (this.commands.compressed || this.commands.wait === Wait.COMPRESS);
+    if (this.farewell && !deflating && atResponseBoundary(this) && !this.client.writableEnded) this.client.write(this.farewell(reason));
     this.client.destroySoon();
   }
 
