@@ -301,3 +301,14 @@ export function watchAnswers(t: ClientCommands, f: FramingState, c: Uint8Array):
   }
   if (pos < len && !t.compressed) trackFraming(f, c.subarray(pos));
 }
+
+/**
+ * A line of the backend's login answer (its tagged OK's `[CAPABILITY ...]`, an untagged
+ * `* CAPABILITY`) without the capabilities the proxy does not pass on: UNAUTHENTICATE
+ * (RFC 8437), which the splice refuses. A later CAPABILITY answer still lists it, but using
+ * it ends the session.
+ */
+export function withoutRefusedCapabilities(line: string): string {
+  if (!/UNAUTHENTICATE/i.test(line)) return line;
+  return line.replace(/\[CAPABILITY [^\]]*\]|^\* CAPABILITY .*$/i, (list) => list.replace(/ UNAUTHENTICATE(?=[ \]]|$)/gi, ''));
+}
