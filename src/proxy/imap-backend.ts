@@ -1,7 +1,8 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
-import { capabilitiesIn, encodeAstring, quoted } from './imap-syntax.js';
+import { backendIdCommand } from './hop.js';
+import { capabilitiesIn, encodeAstring } from './imap-syntax.js';
 import { LineReader } from './lines.js';
 import type { PlainCredentials } from './sasl.js';
 
@@ -84,11 +85,10 @@ export async function imapBackendLogin(
       caps = await capability(sock, reader); // RFC 9051 6.2.1: capabilities may change after TLS
     }
 
-    // Pipelined: the optional ID (client address for the backend's logs and limits) and the login.
+    // Pipelined: the ID (the hop mark that stops routing loops, and the client's address if
+    // forwarded; see hop.ts) and the login.
     let out = '';
-    if (opts.forwardClientIp && caps.has('ID')) {
-      out += `I ID ("x-originating-ip" ${quoted(opts.clientIp)} "x-originating-port" "${opts.clientPort}")\r\n`;
-    }
+    if (caps.has('ID')) out += backendIdCommand(opts);
     const plainIr = caps.has('AUTH=PLAIN') && caps.has('SASL-IR');
     if (plainIr || creds.authzid) {
       if (!caps.has('AUTH=PLAIN')) throw new BackendRefused('auth', 'backend does not offer AUTH=PLAIN for a proxy login');

@@ -2,6 +2,8 @@ import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import type { Route } from '../lookup/model.js';
 import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
+import { withoutRefusedCapabilities } from './imap-commands.js';
+import { hopIn } from './hop.js';
 import { decodePlain } from './sasl.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
@@ -19,6 +21,9 @@ class StopDialogue extends Error {}
 const SERVER_ID = '* ID ("name" "mailsplice")\r\n';
 
 export class ImapPreauth extends PreauthConnection implements CommandSource {
+  /** The hop mark of another mailsplice, if this connection's ID carried one (see hop.ts). */
+  private hop: string | undefined;
+
   constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
     super(rt, socket, ip, port);
   }
@@ -92,6 +97,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
         this.close(`* BYE Logging out\r\n${tag} OK Logout completed\r\n`);
         return true;
       case 'ID':
+        this.hop ??= hopIn(args);
         this.write(`${SERVER_ID}${tag} OK ID completed\r\n`);
         return false;
       case 'STARTTLS':
@@ -163,6 +169,16 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
       this.write(`${tag} NO [PRIVACYREQUIRED] Use STARTTLS first\r\n`);
       return false;
     }
+    if (this.hop !== undefined) {
+      // Another mailsplice sent this login here: a slot points at a proxy (see hop.ts).
+      this.ctx.counters.logins.imap.unavailable++;
+      this.ctx.log.error('routing loop: a login came from another mailsplice; a slot points at a proxy (mailsplice never fronts mailsplice)', {
+        ip: this.clientIp,
+        hop: this.hop,
+      });
+      this.write(`${tag} NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n`);
+      return false;
+    }
     // The mailbox owner decides the route: authzid when a master login names one.
     const login = (creds.authzid ?? creds.authcid).toString('utf8');
     const { backend } = this.ctx;
@@ -180,7 +196,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
         });
       };
       await this.loginAndSplice('imap', login, dialogue, (result) => ({
-        toClient: `${result.untagged.map((l) => `${l}\r\n`).join('')}${tag} ${result.okText}\r\n`,
+        toClient: `${result.untagged.map((l) => `${withoutRefusedCapabilities(l)}\r\n`).join('')}${tag} ${withoutRefusedCapabilities(result.okText)}\r\n`,
         farewell: imapFarewell,
         logout: 'Z LOGOUT\r\n',
       }));
