@@ -89,6 +89,31 @@ describe('UNAUTHENTICATE', () => {
     ).rejects.toThrow(/closed/);
     expect(rest).toEqual(['* BYE [UNAVAILABLE] UNAUTHENTICATE is not available through this proxy']);
   });
+
+  it('is found after a synchronising literal the server refused (the literal never came)', async () => {
+    const { c } = await login(proxy.host, proxy.ports.imap!, 'admin@example.com', CYRUS_ADMIN.password);
+    c.send('l APPEND nosuchfolder {40}');
+    expect(await c.readLine()).toMatch(/^l NO /); // Cyrus refuses before its "+"
+    c.send('u UNAUTHENTICATE');
+    expect(await c.readLine()).toBe('* BYE [UNAVAILABLE] UNAUTHENTICATE is not available through this proxy');
+    await expect(c.readLine()).rejects.toThrow(/closed/);
+  });
+
+  it('is not looked for inside literals: an APPEND whose message holds the word goes through', async () => {
+    const { c } = await login(proxy.host, proxy.ports.imap!, 'alice@example.com', alice.password);
+    const msg = 'Subject: x\r\n\r\nu UNAUTHENTICATE\r\n';
+    c.send(`m APPEND INBOX {${msg.length}}`);
+    expect(await c.readLine()).toMatch(/^\+/);
+    c.write(`${msg}\r\n`);
+    expect((await c.readUntil(/^m /)).at(-1)).toMatch(/^m OK/);
+    c.write(`n APPEND INBOX {${msg.length}+}\r\n${msg}\r\n`);
+    expect((await c.readUntil(/^n /)).at(-1)).toMatch(/^n OK/);
+    c.send('i IDLE');
+    expect(await c.readLine()).toMatch(/^\+/);
+    c.send('DONE');
+    expect((await c.readUntil(/^i /)).at(-1)).toMatch(/^i OK/);
+    c.close();
+  });
 });
 
 /** A raw client whose stream is deflate after COMPRESS: every byte it received after the OK, as received. */
@@ -144,6 +169,7 @@ function inflated(raw: Buffer): string {
     throw new Error(`${(e as Error).message}: ${raw.toString("hex")}`);
   }
 }
+
 
 describe('COMPRESS', () => {
   it('an event right after COMPRESS closes the connection without writing plaintext into it', async () => {

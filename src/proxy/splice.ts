@@ -146,8 +146,10 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
       this.end(t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE is not available through this proxy' : 'Protocol error');
       return;
     }
-    spliceTotals.clientToBackend += stop;
-    this.backend.write(c.subarray(0, stop));
+    if (stop > 0) {
+      spliceTotals.clientToBackend += stop;
+      this.backend.write(c.subarray(0, stop));
+    }
     if (stop < c.length) this.hold(c.subarray(stop));
   }
 
