@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,10 +24,13 @@ import { seedRedis, type RouteModel } from './support/routes.js';
 // Then every message that got 250, and every 451 retried as Postfix would, is on the new
 // master exactly once, and logins land there.
 //
-// Deliveries go to Cyrus's preauthenticated LMTP port (`lmtpd -a`): LMTP AUTH to Cyrus is
-// issue 8's LMTP work (WS9); once it is in, the slots here can point at `lmtpAuth`.
+// Deliveries go to Cyrus's LMTP port that demands AUTH: the proxy authenticates as the
+// slot group's admin_user, an admin of that LMTP service only (deploy/cyrus-backend.conf).
 
 const alice = { name: 'alice', password: 'alicepw' };
+/** The proxy's account on both slots: proxyservers, and admin of the authenticated LMTP service only. */
+const proxyAccount = { name: 'mailsplice', password: 'mailsplice-secret' };
+const PROXY_ACCOUNT_CONF = 'lmtpauth_admins: mailsplice\n';
 const LOGIN = 'alice@example.com';
 /** Bounds of the delivery load: two Postfix-like workers, one transaction at a time each. */
 const WORKERS = 2;
@@ -55,13 +58,13 @@ beforeAll(async () => {
   await chmod(tmp, 0o755); // Cyrus's services run as `cyrus`
   [redis, master, replica] = await Promise.all([
     startRedis({ dir: path.join(tmp, 'redis') }),
-    startCyrusSlot({ id: 'cyrusM', host: '127.0.0.71', users: [alice], dir: path.join(tmp, 'cyrusM') }),
-    startCyrusSlot({ id: 'cyrusR', host: '127.0.0.72', users: [alice], dir: path.join(tmp, 'cyrusR') }),
+    startCyrusSlot({ id: 'cyrusM', host: '127.0.0.71', users: [alice], proxyUsers: [proxyAccount], extraImapdConf: PROXY_ACCOUNT_CONF, dir: path.join(tmp, 'cyrusM') }),
+    startCyrusSlot({ id: 'cyrusR', host: '127.0.0.72', users: [alice], proxyUsers: [proxyAccount], extraImapdConf: PROXY_ACCOUNT_CONF, dir: path.join(tmp, 'cyrusR') }),
   ]);
   // A message from before the test, replicated: the replica starts as a true copy.
   await master.deliver(alice.name, message('seed', 0));
   await master.syncUser(alice.name, replica);
-  const slot = (s: CyrusSlot) => ({ host: s.host, imap: String(s.imap), pop3: String(s.pop3), lmtp: String(s.lmtp), status: 'up' });
+  const slot = (s: CyrusSlot) => ({ host: s.host, imap: String(s.imap), pop3: String(s.pop3), lmtp: String(s.lmtpAuth), status: 'up' });
   const routes: RouteModel = {
     // Cyrus without virtdomains: the backend login is the bare name (passthrough mode).
     users: { [LOGIN]: { store: 'cstore', backend_login: alice.name } },
@@ -69,7 +72,14 @@ beforeAll(async () => {
     slots: { cyrusM: slot(master), cyrusR: slot(replica) },
   };
   await seedRedis(redis.url, routes);
-  proxy = await startProxy({ listeners: [{ protocol: 'imap' }, { protocol: 'lmtp' }], lookup: { redis: { url: redis.url } } });
+  const passwordFile = path.join(tmp, 'cyrus-admin.pw');
+  await writeFile(passwordFile, `${proxyAccount.password}\n`, { mode: 0o600 });
+  proxy = await startProxy({
+    listeners: [{ protocol: 'imap' }, { protocol: 'lmtp' }],
+    lookup: { redis: { url: redis.url } },
+    // IMAP with the client's own password; LMTP AUTH PLAIN as the group's admin.
+    backend: { identity_groups: [{ slots: ['cyrus*'], identity: 'passthrough', admin_user: proxyAccount.name, admin_password_file: passwordFile }] },
+  });
 });
 
 afterAll(async () => {
