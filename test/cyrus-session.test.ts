@@ -70,9 +70,22 @@ describe('UNAUTHENTICATE', () => {
     direct.c.close();
     const via = await login(proxy.host, proxy.ports.imap!, 'admin@example.com', CYRUS_ADMIN.password);
     const shown = via.answer.join('\n');
-    expect(shown).toMatch(/CAPABILITY .*COMPRESS=DEFLATE/i); // the list is there, without it
+    expect(shown).toMatch(/CAPABILITY .*IDLE/i); // the list is there, without it
     expect(shown).not.toMatch(/UNAUTHENTICATE/i);
+    // Nor COMPRESS for this login: UNAUTHENTICATE inside deflate would pass unseen.
+    expect(shown).not.toMatch(/COMPRESS/i);
     via.c.close();
+    // A user Cyrus does not offer UNAUTHENTICATE keeps COMPRESS.
+    const user = await login(proxy.host, proxy.ports.imap!, 'alice@example.com', alice.password);
+    expect(user.answer.join('\n')).toMatch(/CAPABILITY .*COMPRESS=DEFLATE/i);
+    user.c.close();
+  });
+
+  it('ends a session that was offered it and sends COMPRESS, in plaintext', async () => {
+    const { c } = await login(proxy.host, proxy.ports.imap!, 'admin@example.com', CYRUS_ADMIN.password);
+    c.send('z COMPRESS DEFLATE');
+    expect(await c.readLine()).toBe('* BYE [UNAVAILABLE] COMPRESS is not available through this proxy');
+    await expect(c.readLine()).rejects.toThrow(/closed/);
   });
 
   it('ends a session that uses it anyway, before the backend runs it', async () => {

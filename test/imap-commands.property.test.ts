@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from '../src/proxy/imap-commands.js';
+import { ClientCommands, shownAtLogin, trackCommands, Verdict, Wait, watchAnswers } from '../src/proxy/imap-commands.js';
 import { initialFraming, type FramingState } from '../src/proxy/imap-framing.js';
 
 // The client-side command tracker of the splice (pure logic): any chunking of a client's
@@ -172,6 +172,17 @@ describe('the client command tracker', () => {
     watchAnswers(t, f, enc('a OK done\r\n* 1 EXISTS\r\nb OK DEFLATE active\r\n\x78\x9c'));
     expect(t.wait).toBe(Wait.NONE);
     expect(t.compressed).toBe(true);
+  });
+
+  it('refuses COMPRESS where the server offered UNAUTHENTICATE, and hides both at login', () => {
+    const t = new ClientCommands(true);
+    const c = enc('a NOOP\r\nb Compress DEFLATE\r\n');
+    expect(trackCommands(t, c)).toBe(c.indexOf(32, 10)); // at the end of its name, before its line end
+    expect(t.verdict).toBe(Verdict.COMPRESS);
+    const admin = shownAtLogin(['* CAPABILITY IMAP4rev1 UNAUTHENTICATE COMPRESS=DEFLATE IDLE'], 'OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE UNAUTHENTICATE] hi');
+    expect(admin).toEqual({ untagged: ['* CAPABILITY IMAP4rev1 IDLE'], okText: 'OK [CAPABILITY IMAP4rev1] hi', refuseCompress: true });
+    const user = shownAtLogin([], 'OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] UNAUTHENTICATEX');
+    expect(user.okText).toBe('OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] UNAUTHENTICATEX');
   });
 
   it('never throws on random client bytes and random server answers', () => {

@@ -47,6 +47,8 @@ export interface Handover {
   farewell?: (reason: string) => string;
   /** The command that logs out of a backend that is no longer the route (`Z LOGOUT`, `QUIT`). */
   logout: string;
+  /** IMAP: COMPRESS ends the session (see shownAtLogin in imap-commands.ts). */
+  refuseCompress?: boolean;
 }
 
 /** One listener's settings as a front end needs them. */
@@ -298,7 +300,7 @@ export abstract class PreauthConnection implements Expiring {
     for (let attempt = 1; ; attempt++) {
       const { route, result } = await this.toBackend(protocol, login, dialogue, (r) => logOut(r.socket, handover(r).logout, this.ctx));
       const h = handover(result);
-      if (this.splice(protocol, route, result.socket, result.rest, h.toClient, h.farewell)) return;
+      if (this.splice(protocol, route, result.socket, result.rest, h.toClient, h.farewell, h.refuseCompress)) return;
       this.ctx.registry.endedByEvents++;
       logOut(result.socket, h.logout, this.ctx);
       this.ctx.log.info('route changed during login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp, attempt });
@@ -312,7 +314,15 @@ export abstract class PreauthConnection implements Expiring {
    * nothing is written either way and false comes back. The check and the registration happen
    * in one go, so any later event finds the session.
    */
-  splice(protocol: Protocol, route: Route, backend: Socket, backendRest: Buffer, toClient: string, farewell?: (reason: string) => string): boolean {
+  splice(
+    protocol: Protocol,
+    route: Route,
+    backend: Socket,
+    backendRest: Buffer,
+    toClient: string,
+    farewell?: (reason: string) => string,
+    refuseCompress = false,
+  ): boolean {
     if (!this.ctx.router.stillValid(route, protocol)) return false;
     this.ctx.sweep.delete(this);
     const clientRest = this.reader.detach();
@@ -321,7 +331,7 @@ export abstract class PreauthConnection implements Expiring {
       return true;
     }
     this.ctx.counters.logins[protocol].ok++;
-    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx, farewell);
+    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx, farewell, refuseCompress);
     this.socket.write(toClient);
     // The client may have half-closed (or left) while the backend login ran: its end of
     // stream was read then and is passed on by start().

@@ -23,6 +23,7 @@
 // numbers in one object per IMAP session.
 
 import { atResponseBoundary, trackFraming, type FramingState } from './imap-framing.js';
+import { capabilitiesIn } from './imap-syntax.js';
 
 /** Why the splice holds the client's bytes: the server's answer to the command `waitTag` decides. */
 export const Wait = {
@@ -41,6 +42,8 @@ export const Verdict = {
   UNAUTHENTICATE: 1,
   /** A literal count no client sends (the framing would be lost). */
   LOST: 2,
+  /** COMPRESS where the server offered UNAUTHENTICATE (see `shownAtLogin`). */
+  COMPRESS: 3,
 } as const;
 
 const Phase = { TAG: 0, NAME: 1, ARGS: 2, RAW: 3 } as const;
@@ -70,6 +73,11 @@ const STATUS_OK = ((79 & 0x1f) << 5) | (75 & 0x1f);
 
 /** The tracker's state; one per spliced IMAP session. */
 export class ClientCommands {
+  constructor(
+    /** COMPRESS is refused too (the server offers UNAUTHENTICATE, which deflate would hide). */
+    readonly refuseCompress = false,
+  ) {}
+
   /** Literal bytes still to come from the client. */
   litLeft = 0;
   phase: number = Phase.TAG;
@@ -152,6 +160,10 @@ function nameEnd(t: ClientCommands): boolean {
   }
   if (t.cmd === Cmd.UNAUTHENTICATE) {
     t.verdict = Verdict.UNAUTHENTICATE;
+    return true;
+  }
+  if (t.cmd === Cmd.COMPRESS && t.refuseCompress) {
+    t.verdict = Verdict.COMPRESS;
     return true;
   }
   return false;
@@ -303,12 +315,19 @@ export function watchAnswers(t: ClientCommands, f: FramingState, c: Uint8Array):
 }
 
 /**
- * A line of the backend's login answer (its tagged OK's `[CAPABILITY ...]`, an untagged
- * `* CAPABILITY`) without the capabilities the proxy does not pass on: UNAUTHENTICATE
- * (RFC 8437), which the splice refuses. A later CAPABILITY answer still lists it, but using
- * it ends the session.
+ * The backend's login answer (untagged lines, tagged OK text) as the client is shown it:
+ * without UNAUTHENTICATE (RFC 8437), which the splice refuses. Where the server offered it
+ * (Cyrus does to admins logged in as themselves), COMPRESS is hidden and refused too: after
+ * COMPRESS the client's commands are deflate, which the splice does not read, so an
+ * UNAUTHENTICATE inside it would pass unseen. A later CAPABILITY answer from the backend
+ * still lists them; using them ends the session.
  */
-export function withoutRefusedCapabilities(line: string): string {
-  if (!/UNAUTHENTICATE/i.test(line)) return line;
-  return line.replace(/\[CAPABILITY [^\]]*\]|^\* CAPABILITY .*$/i, (list) => list.replace(/ UNAUTHENTICATE(?=[ \]]|$)/gi, ''));
+export function shownAtLogin(untagged: readonly string[], okText: string): { untagged: string[]; okText: string; refuseCompress: boolean } {
+  const offered = [okText, ...untagged].some((l) => capabilitiesIn(l)?.has('UNAUTHENTICATE'));
+  if (!offered) return { untagged: [...untagged], okText, refuseCompress: false };
+  return { untagged: untagged.map(withoutRefused), okText: withoutRefused(okText), refuseCompress: true };
+}
+
+function withoutRefused(line: string): string {
+  return line.replace(/\[CAPABILITY [^\]]*\]|^\* CAPABILITY .*$/i, (list) => list.replace(/ (UNAUTHENTICATE|COMPRESS=[^ \]]*)(?=[ \]]|$)/gi, ''));
 }

@@ -2,7 +2,7 @@ import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import type { Route } from '../lookup/model.js';
 import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
-import { withoutRefusedCapabilities } from './imap-commands.js';
+import { shownAtLogin } from './imap-commands.js';
 import { hopIn } from './hop.js';
 import { decodePlain } from './sasl.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
@@ -195,11 +195,15 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
           forwardClientIp: backend.forward_client_ip,
         });
       };
-      await this.loginAndSplice('imap', login, dialogue, (result) => ({
-        toClient: `${result.untagged.map((l) => `${withoutRefusedCapabilities(l)}\r\n`).join('')}${tag} ${withoutRefusedCapabilities(result.okText)}\r\n`,
-        farewell: imapFarewell,
-        logout: 'Z LOGOUT\r\n',
-      }));
+      await this.loginAndSplice('imap', login, dialogue, (result) => {
+        const shown = shownAtLogin(result.untagged, result.okText);
+        return {
+          toClient: `${shown.untagged.map((l) => `${l}\r\n`).join('')}${tag} ${shown.okText}\r\n`,
+          farewell: imapFarewell,
+          logout: 'Z LOGOUT\r\n',
+          refuseCompress: shown.refuseCompress,
+        };
+      });
       return true;
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;

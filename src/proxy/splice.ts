@@ -86,8 +86,9 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
     private readonly env: SpliceEnv,
     /** The line to send the client when an event ends the session, if the protocol has one. */
     private readonly farewell: ((reason: string) => string) | undefined,
+    refuseCompress = false,
   ) {
-    this.commands = protocol === 'imap' ? new ClientCommands() : undefined;
+    this.commands = protocol === 'imap' ? new ClientCommands(refuseCompress) : undefined;
   }
 
   /**
@@ -141,9 +142,9 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
   /** The client tracker stopped inside `c`: a refused command, or the client must wait for the server. */
   private stopped(t: ClientCommands, c: Buffer, stop: number): void {
     if (t.verdict !== Verdict.NONE) {
-      const what = t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE' : 'a literal count no client sends';
+      const what = t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE' : t.verdict === Verdict.COMPRESS ? 'COMPRESS' : 'a literal count no client sends';
       this.env.log.info('session ended: the client used what the proxy does not pass on', { login: this.route.login, slot: this.route.slot, what });
-      this.end(t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE is not available through this proxy' : 'Protocol error');
+      this.end(t.verdict === Verdict.LOST ? 'Protocol error' : `${what} is not available through this proxy`);
       return;
     }
     if (stop > 0) {
