@@ -91,20 +91,25 @@ const backendTlsGroup = backendTlsWithProtocols.extend({
 
 /**
  * How mailsplice logs in to the backends of a group of slots (`slots`: globs as in
- * tls_groups, first match wins). `admin_user` with `admin_password_file` is the slot
- * group's admin: IMAP/POP3 log in as it on the user's behalf when `identity: admin`, and
- * LMTP always authenticates as it (AUTH PLAIN) when the backend offers AUTH, whatever the
- * IMAP/POP3 identity (Cyrus's lmtpd without -a wants an authenticated client).
+ * tls_groups, first match wins; a slot in none is passthrough). `admin_user` with
+ * `admin_password_file` is the slot group's admin: IMAP/POP3 log in as it on the user's
+ * behalf when `identity: admin` (src/auth/identity.ts), and LMTP always authenticates as it
+ * (AUTH PLAIN) when the backend offers AUTH, whatever the IMAP/POP3 identity (Cyrus's
+ * lmtpd without -a wants an authenticated client).
  */
 const identityGroup = z
   .strictObject({
     slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
+    /** passthrough: the client's own credentials; admin: the admin below acting for the user (needs auth.ldap). */
     identity: z.enum(['passthrough', 'admin']).default('passthrough'),
     admin_user: z.string().min(1).optional(),
     /** A file holding the admin's password (one line; a final newline is not part of it). */
     admin_password_file: z.string().optional(),
-    /** The backend login: the full address, or its local part (a Cyrus without virtdomains). */
+    /** The user's name on the backend when the user record has no backend_login: the full address or its local part (a Cyrus without virtdomains). */
     login_name: z.enum(['full', 'local_part']).default('full'),
+    /** authzid: SASL PLAIN with authzid = user (Cyrus proxyservers, Dovecot); separator: LOGIN as user<separator>admin (Dovecot). */
+    master_login_form: z.enum(['authzid', 'separator']).default('authzid'),
+    master_separator: z.string().min(1).max(8).default('*'),
   })
   .superRefine((g, ctx) => {
     if ((g.admin_user === undefined) !== (g.admin_password_file === undefined)) {
@@ -112,6 +117,38 @@ const identityGroup = z
     }
     if (g.identity === 'admin' && g.admin_user === undefined) {
       ctx.addIssue({ code: 'custom', path: ['admin_user'], message: 'identity: admin needs admin_user and admin_password_file' });
+    }
+  });
+
+/** Passwords checked by the proxy against an LDAP directory (src/auth/ldap.ts). */
+const ldapAuth = z
+  .strictObject({
+    /** ldap://host[:port] (then starttls: true off loopback) or ldaps://host[:port]. */
+    url: z.string().regex(/^ldaps?:\/\/[^/]+\/?$/, 'ldap://host[:port] or ldaps://host[:port]'),
+    starttls: z.boolean().default(false),
+    /** CA bundle for the directory's certificate; the system store when absent. */
+    ca: z.string().optional(),
+    servername: z.string().optional(),
+    verify: z.boolean().default(true),
+    /** The service DN that searches users; anonymous when absent. */
+    bind_dn: z.string().optional(),
+    bind_password_file: z.string().optional(),
+    base_dn: z.string().min(1),
+    /** Finds the user's entry: %u the login, %n its local part, %d its domain (values escaped). */
+    filter: z.string().regex(/%[und]/, 'must use %u, %n or %d').default('(mail=%u)'),
+    /** Attribute of the entry whose value is the login to route by (alias logins map to it); the client's login when absent. */
+    login_attribute: z.string().regex(/^[A-Za-z][A-Za-z0-9-]*$/).optional(),
+    pool_size: z.number().int().min(1).max(64).default(4),
+    /** Checks waiting for a connection beyond this are answered UNAVAILABLE at once. */
+    queue_limit: z.number().int().min(0).default(256),
+    /** Per LDAP operation, and the longest wait for a pooled connection. */
+    timeout_ms: z.number().int().positive().default(5000),
+    connect_timeout_ms: z.number().int().positive().default(3000),
+  })
+  .superRefine((l, ctx) => {
+    if (l.starttls && l.url.startsWith('ldaps://')) ctx.addIssue({ code: 'custom', path: ['starttls'], message: 'starttls with ldaps:// (TLS is already on)' });
+    if ((l.bind_dn === undefined) !== (l.bind_password_file === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['bind_dn'], message: 'set both bind_dn and bind_password_file, or neither (anonymous search)' });
     }
   });
 
@@ -197,6 +234,7 @@ const sections = z.strictObject({
       forward_client_ip: z.boolean().default(true),
     })
     .prefault({}),
+  auth: z.strictObject({ ldap: ldapAuth.optional() }).prefault({}),
   lmtp: z
     .strictObject({
       hostname: z.string().default('mailsplice'),
@@ -261,6 +299,12 @@ function crossChecks(cfg: z.infer<typeof sections>, ctx: z.RefinementCtx): void 
     const clash = binds.slice(0, i).find((o) => o.port === b.port && (o.address === b.address || isWildcard(o.address) || isWildcard(b.address)));
     if (clash) ctx.addIssue({ code: 'custom', path: b.path, message: `${b.address}:${b.port} is also used by ${clash.what}` });
   });
+  // Admin mode logs in for a user whatever password the client gave: only after the proxy checked it.
+  cfg.backend.identity_groups.forEach((g, i) => {
+    if (g.identity === 'admin' && !cfg.auth.ldap) {
+      ctx.addIssue({ code: 'custom', path: ['backend', 'identity_groups', i, 'identity'], message: 'identity: admin needs a password checker at the proxy (auth.ldap)' });
+    }
+  });
   const paths = new Map<string, number>();
   cfg.listeners.forEach((l, i) => {
     if (l.path === undefined) return;
@@ -317,6 +361,10 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
   }
   for (const g of cfg.backend.identity_groups) g.admin_password_file = abs(g.admin_password_file);
   if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
+  if (cfg.auth.ldap) {
+    cfg.auth.ldap.ca = abs(cfg.auth.ldap.ca);
+    cfg.auth.ldap.bind_password_file = abs(cfg.auth.ldap.bind_password_file);
+  }
   return cfg;
 }
 
@@ -334,6 +382,19 @@ export function loadConfig(file: string): Config {
     throw new ConfigError(`config ${file} is not valid YAML: ${(e as Error).message}`);
   }
   return parseConfig(doc, file, dirname(resolve(file)));
+}
+
+/** Settings that work but are likely mistakes: logged at start. */
+export function configWarnings(cfg: Config): string[] {
+  const out: string[] = [];
+  const ldap = cfg.auth.ldap;
+  if (ldap && !cfg.backend.identity_groups.some((g) => g.identity === 'admin')) {
+    out.push('auth.ldap is set but no backend.identity_groups entry uses identity: admin: passwords are checked twice (by the directory and by every backend)');
+  }
+  if (ldap && ldap.url.startsWith('ldap://') && !ldap.starttls && !isLoopback(new URL(ldap.url).hostname)) {
+    out.push(`auth.ldap.url ${ldap.url} without starttls: passwords cross the network in clear`);
+  }
+  return out;
 }
 
 /** Whether a listener accepts cleartext credentials before TLS. */

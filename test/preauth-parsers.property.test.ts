@@ -7,7 +7,7 @@ import { MAX_LITERALS, readImapCommand, type CommandRead } from '../src/proxy/im
 import { astring, encodeAstring, ImapSyntaxError, literalAtEnd, replyTag, tokenize, validTag } from '../src/proxy/imap-syntax.js';
 import { ConnectionClosed, LineReader, LineTooLong } from '../src/proxy/lines.js';
 import { parsePop3Command } from '../src/proxy/pop3.js';
-import { decodePlain } from '../src/proxy/sasl.js';
+import { decodePlain } from '../src/auth/sasl.js';
 
 // Property tests of every parser that sees input before login (issue 14): random and
 // malformed input, byte streams cut into random chunks. No exception escapes other than the

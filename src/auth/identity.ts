@@ -1,50 +1,86 @@
-import { readFileSync } from 'node:fs';
 import type { Config, IdentityGroupConfig } from '../config.js';
+import type { Route } from '../lookup/model.js';
 import { globToRegExp } from '../proxy/backend.js';
+import type { Credentials, PasswordCredentials } from './credentials.js';
+import { readPasswordFile } from './secret-file.js';
 
-/**
- * How mailsplice logs in to a slot's backend, from `backend.identity_groups` (first group
- * whose `slots` glob matches; a slot in none is `passthrough` with the full address).
- * Minimal version written for the LMTP side (issue 8); the auth layer owns its growth.
- */
+export { readPasswordFile } from './secret-file.js';
+
+// How mailsplice logs in to a slot's backend, from `backend.identity_groups` (first group
+// whose `slots` glob matches; a slot in none is passthrough with the full address): with
+// the client's own credentials (passthrough, the default), or as the group's admin acting
+// for the user (Cyrus `proxyservers`, Dovecot master users), which needs the proxy to have
+// checked the password itself (auth.ldap; the config refuses admin without it). LMTP
+// authenticates as the group's admin whatever the mode (src/lmtp/delivery.ts).
+
 export interface BackendIdentity {
   /** passthrough: the client's own credentials; admin: SASL PLAIN as `admin` on the user's behalf. */
   mode: 'passthrough' | 'admin';
   /** The slot group's admin, when configured (LMTP authenticates as it whatever `mode`). */
   admin?: { user: string; password: Buffer };
-  /** The backend's name for a user: the full address or its local part. */
+  /** The backend's name for a user when the user record sets no backend_login: the full address or its local part. */
   loginName: 'full' | 'local_part';
+  /**
+   * Admin mode for backends without AUTH=PLAIN (or by choice): log in as
+   * `user<separator>admin` (Dovecot's auth_master_user_separator) instead of with an authzid.
+   */
+  masterSeparator?: string;
 }
 
 const PASSTHROUGH: BackendIdentity = Object.freeze({ mode: 'passthrough', loginName: 'full' });
 
+/** Compiled once per config object; the admin password file read once per group (a reload reads it again). */
 const compiled = new WeakMap<IdentityGroupConfig, { patterns: RegExp[]; identity: BackendIdentity }>();
-
-/** A password file's content: one line, its final newline not part of it. */
-export function readPasswordFile(file: string): Buffer {
-  const raw = readFileSync(file);
-  let end = raw.length;
-  if (end > 0 && raw[end - 1] === 0x0a) end--;
-  if (end > 0 && raw[end - 1] === 0x0d) end--;
-  return raw.subarray(0, end);
-}
 
 function compile(g: IdentityGroupConfig): { patterns: RegExp[]; identity: BackendIdentity } {
   let c = compiled.get(g);
   if (!c) {
     const identity: BackendIdentity = { mode: g.identity, loginName: g.login_name };
-    // The file is read once per config object: a reload reads it again.
     if (g.admin_user !== undefined && g.admin_password_file !== undefined) identity.admin = { user: g.admin_user, password: readPasswordFile(g.admin_password_file) };
+    if (g.identity === 'admin' && g.master_login_form === 'separator') identity.masterSeparator = g.master_separator;
     c = { patterns: g.slots.map(globToRegExp), identity };
     compiled.set(g, c);
   }
   return c;
 }
 
+/** The identity rule of one slot: the first `backend.identity_groups` entry that matches, else passthrough with the full login. */
 export function identityFor(backend: Config['backend'], slot: string): BackendIdentity {
   for (const g of backend.identity_groups) {
     const c = compile(g);
     if (c.patterns.some((re) => re.test(slot))) return c.identity;
   }
   return PASSTHROUGH;
+}
+
+/** Reads the admin password of every group in admin mode now, so that a missing file stops the start, not a login. */
+export function loadIdentities(backend: Config['backend']): void {
+  for (const g of backend.identity_groups) if (g.identity === 'admin') compile(g);
+}
+
+/** The user's name on the backend: backend_login when the record sets one, else the login by the group's rule. */
+export function backendUserName(route: Route, identity: BackendIdentity): string {
+  if (route.backendLogin !== route.login) return route.backendLogin;
+  if (identity.loginName === 'local_part') {
+    const at = route.login.lastIndexOf('@');
+    if (at > 0) return route.login.slice(0, at);
+  }
+  return route.login;
+}
+
+/**
+ * What the proxy sends to the backend for this client on this route. Passthrough keeps the
+ * client's password (and a client's own proxy login keeps its authcid: only the mailbox
+ * name changes); admin sends the configured admin's.
+ */
+export function backendCredentials(identity: BackendIdentity, client: Credentials, route: Route): PasswordCredentials {
+  const user = Buffer.from(backendUserName(route, identity), 'utf8');
+  if (identity.mode === 'admin' && identity.admin) {
+    const { admin } = identity;
+    if (identity.masterSeparator !== undefined) {
+      return { kind: 'password', authcid: Buffer.from(`${user.toString('utf8')}${identity.masterSeparator}${admin.user}`, 'utf8'), password: admin.password };
+    }
+    return { kind: 'password', authzid: user, authcid: Buffer.from(admin.user, 'utf8'), password: admin.password };
+  }
+  return client.authzid ? { ...client, authzid: user } : { ...client, authcid: user };
 }

@@ -12,6 +12,9 @@ import { SplicedSession } from './splice.js';
 import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from './tls.js';
 import { LineReader } from './lines.js';
+import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
+import { mailboxOwner, type Credentials, type PasswordCredentials } from '../auth/credentials.js';
+import { backendCredentials, identityFor } from '../auth/identity.js';
 
 /** Login outcomes, counted for metrics. `throttled`: refused by a per-address limit before any lookup. */
 export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked' | 'throttled';
@@ -30,7 +33,12 @@ export interface ProxyContext {
   counters: { logins: Record<Protocol, Record<LoginResult, number>>; rejectedConnections: number };
   /** This process's listening sockets: a route to one of them is a loop. */
   ownListeners: OwnListeners;
+  /** Set when the proxy checks passwords itself (auth.ldap); absent, the backend does. */
+  passwords?: PasswordChecker;
 }
+
+/** A protocol's backend login dialogue, given what to log in with on that backend. */
+export type BackendDialogue<T> = (route: Route, sock: Socket, tls: BackendTlsConfig, creds: PasswordCredentials) => Promise<T>;
 
 /** A logged-in backend connection as a protocol's login dialogue hands it over. */
 export interface BackendSession {
@@ -144,6 +152,11 @@ export abstract class PreauthConnection implements Expiring {
     return this.secure || this.rt.plaintextAllowed;
   }
 
+  /** Whether the proxy checks passwords (then AUTH=LOGIN is offered too). */
+  get passwordsChecked(): boolean {
+    return this.ctx.passwords !== undefined;
+  }
+
   get canStartTls(): boolean {
     return this.rt.cfg.tls === 'starttls' && !this.secure;
   }
@@ -208,8 +221,8 @@ export abstract class PreauthConnection implements Expiring {
    */
   async toBackend<T>(
     protocol: Protocol,
-    login: string,
-    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    creds: Credentials,
+    dialogue: BackendDialogue<T>,
     logout: (result: T) => void,
   ): Promise<{ route: Route; result: T }> {
     const started = Date.now();
@@ -221,7 +234,8 @@ export abstract class PreauthConnection implements Expiring {
     try {
       const reservation = await throttle.reserve(this.clientIp);
       if (!reservation) throw new LoginFailed('throttled', 'too many failed logins from this address');
-      const done = await this.verify(protocol, login, dialogue, logout);
+      const login = await this.routedLogin(creds);
+      const done = await this.verify(protocol, login, (route, sock, tls) => dialogue(route, sock, tls, this.backendCreds(creds, route)), logout);
       throttle.succeeded(reservation);
       return done;
     } catch (e) {
@@ -230,6 +244,35 @@ export abstract class PreauthConnection implements Expiring {
     } finally {
       gate.endLogin(this.clientIp);
     }
+  }
+
+  /**
+   * The login to route by. Without a checker it is the mailbox owner the client named, and
+   * the backend checks the password. With one, the password is checked here first (a failure
+   * takes the same delay and throttle as a backend's); an alias login becomes its owner's.
+   */
+  private async routedLogin(creds: Credentials): Promise<string> {
+    const checker = this.ctx.passwords;
+    if (!checker) return mailboxOwner(creds);
+    // The directory says whose password it is, not who may act for whom.
+    if (creds.authzid) throw new LoginFailed('auth-failed', 'an authorisation identity is not accepted when the proxy checks passwords');
+    let verdict;
+    try {
+      verdict = await checker.check(creds);
+    } catch (e) {
+      if (e instanceof CheckerUnavailable) throw new LoginFailed('unavailable', e.message);
+      throw e;
+    }
+    if (!verdict.ok) throw new LoginFailed('auth-failed', verdict.why);
+    return verdict.login;
+  }
+
+  /** What to log in with on the route's backend, by its slot group's identity rule. */
+  private backendCreds(creds: Credentials, route: Route): PasswordCredentials {
+    const identity = identityFor(this.ctx.backend, route.slot);
+    // The config refuses this; a backend must never be told "trust me" for an unchecked password.
+    if (identity.mode === 'admin' && !this.ctx.passwords) throw new BackendRefused('unavailable', `slot ${route.slot}: admin identity without a password checker`);
+    return backendCredentials(identity, creds, route);
   }
 
   private async failAfterDelay(started: number, e: LoginFailed): Promise<never> {
@@ -293,12 +336,12 @@ export abstract class PreauthConnection implements Expiring {
    */
   async loginAndSplice<T extends BackendSession>(
     protocol: Protocol,
-    login: string,
-    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    creds: Credentials,
+    dialogue: BackendDialogue<T>,
     handover: (result: T) => Handover,
   ): Promise<void> {
     for (let attempt = 1; ; attempt++) {
-      const { route, result } = await this.toBackend(protocol, login, dialogue, (r) => logOut(r.socket, handover(r).logout, this.ctx));
+      const { route, result } = await this.toBackend(protocol, creds, dialogue, (r) => logOut(r.socket, handover(r).logout, this.ctx));
       const h = handover(result);
       if (this.splice(protocol, route, result.socket, result.rest, h.toClient, h.farewell, h.refuseCompress)) return;
       this.ctx.registry.endedByEvents++;

@@ -4,10 +4,11 @@ import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, print
 import { backendIdCommand } from './hop.js';
 import { capabilitiesIn, encodeAstring } from './imap-syntax.js';
 import { LineReader } from './lines.js';
-import type { PlainCredentials } from './sasl.js';
+import type { PasswordCredentials } from '../auth/credentials.js';
+import { encodePlain } from '../auth/sasl.js';
 
 /** Already mapped to the backend's name for the user where needed. */
-export type ImapCredentials = PlainCredentials;
+export type ImapCredentials = PasswordCredentials;
 
 export interface ImapBackendLogin {
   socket: Socket;
@@ -92,7 +93,7 @@ export async function imapBackendLogin(
     const plainIr = caps.has('AUTH=PLAIN') && caps.has('SASL-IR');
     if (plainIr || creds.authzid) {
       if (!caps.has('AUTH=PLAIN')) throw new BackendRefused('auth', 'backend does not offer AUTH=PLAIN for a proxy login');
-      const msg = Buffer.concat([creds.authzid ?? Buffer.alloc(0), Buffer.from([0]), creds.authcid, Buffer.from([0]), creds.password]);
+      const msg = encodePlain(creds);
       out += plainIr ? `L AUTHENTICATE PLAIN ${msg.toString('base64') || '='}\r\n` : 'L AUTHENTICATE PLAIN\r\n';
       sock.write(out);
       if (out.includes('I ID')) await untilTagged(reader, 'I');

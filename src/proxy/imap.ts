@@ -1,17 +1,16 @@
 import type { Socket } from 'node:net';
-import type { BackendTlsConfig } from '../config.js';
-import type { Route } from '../lookup/model.js';
-import { imapBackendLogin, type ImapCredentials } from './imap-backend.js';
+import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
+import { findMechanism, offeredMechanisms, runSasl } from '../auth/mechanisms.js';
+import { imapBackendLogin } from './imap-backend.js';
 import { shownAtLogin } from './imap-commands.js';
 import { hopIn } from './hop.js';
-import { decodePlain } from './sasl.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
 import { LineTooLong } from './lines.js';
 import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
 
 // The IMAP pre-auth dialogue (RFC 9051 / 3501): greeting, CAPABILITY, NOOP, LOGOUT, ID,
-// STARTTLS, LOGIN, AUTHENTICATE PLAIN. Everything else before login is BAD. After a
+// STARTTLS, LOGIN, AUTHENTICATE (the mechanisms of src/auth/mechanisms.ts). Everything else before login is BAD. After a
 // successful backend login the connection is spliced and this object is dropped.
 
 type Command = ImapCommand;
@@ -31,7 +30,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   private capabilities(): string {
     const caps = ['IMAP4rev1', 'LITERAL+', 'SASL-IR', 'ID'];
     if (this.canStartTls) caps.push('STARTTLS');
-    if (this.credentialsAllowed) caps.push('AUTH=PLAIN');
+    if (this.credentialsAllowed) for (const m of offeredMechanisms(this.passwordsChecked)) caps.push(`AUTH=${m.name}`);
     else caps.push('LOGINDISABLED');
     return caps.join(' ');
   }
@@ -117,7 +116,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
           this.bad();
           return false;
         }
-        return this.login(tag, { authcid: user, password: pass });
+        return this.login(tag, passwordCredentials(user, pass));
       }
       case 'AUTHENTICATE':
         return this.authenticate(tag, args);
@@ -129,8 +128,8 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   }
 
   private async authenticate(tag: string, args: Token[]): Promise<boolean> {
-    const mech = args[0]?.kind === 'atom' ? args[0].text.toUpperCase() : '';
-    if (mech !== 'PLAIN') {
+    const mech = args[0]?.kind === 'atom' ? findMechanism(args[0].text, this.passwordsChecked) : undefined;
+    if (!mech) {
       this.write(`${tag} NO Unsupported authentication mechanism\r\n`);
       return false;
     }
@@ -138,33 +137,29 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
       this.write(`${tag} NO [PRIVACYREQUIRED] Use STARTTLS first\r\n`);
       return false;
     }
-    let response: string;
     const ir = args[1];
-    if (ir) {
-      if (ir.kind !== 'atom') {
-        this.write(`${tag} BAD Invalid initial response\r\n`);
-        this.bad();
-        return false;
-      }
-      response = ir.text;
-    } else {
-      this.write('+ \r\n');
-      response = await this.reader.line();
-    }
-    if (response === '*') {
-      this.write(`${tag} BAD Authentication cancelled\r\n`);
-      return false;
-    }
-    const creds = decodePlain(response);
-    if (!creds) {
-      this.write(`${tag} BAD Invalid SASL PLAIN response\r\n`);
+    if (args.length > 2 || (ir && ir.kind !== 'atom')) {
+      this.write(`${tag} BAD Invalid initial response\r\n`);
       this.bad();
       return false;
     }
-    return this.login(tag, creds);
+    const outcome = await runSasl(mech, ir?.kind === 'atom' ? ir.text : undefined, {
+      challenge: (b64) => this.write(`+ ${b64}\r\n`),
+      response: () => this.reader.line(),
+    });
+    if (outcome.kind === 'cancelled') {
+      this.write(`${tag} BAD Authentication cancelled\r\n`);
+      return false;
+    }
+    if (outcome.kind === 'malformed') {
+      this.write(`${tag} BAD Invalid SASL ${mech.name} response\r\n`);
+      this.bad();
+      return false;
+    }
+    return this.login(tag, outcome.credentials);
   }
 
-  private async login(tag: string, creds: ImapCredentials): Promise<boolean> {
+  private async login(tag: string, creds: Credentials): Promise<boolean> {
     if (!this.credentialsAllowed) {
       this.write(`${tag} NO [PRIVACYREQUIRED] Use STARTTLS first\r\n`);
       return false;
@@ -179,31 +174,25 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
       this.write(`${tag} NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n`);
       return false;
     }
-    // The mailbox owner decides the route: authzid when a master login names one.
-    const login = (creds.authzid ?? creds.authcid).toString('utf8');
+    // For the log: the routed login may differ (an alias mapped by the password checker).
+    const login = mailboxOwner(creds);
     const { backend } = this.ctx;
     try {
-      const dialogue = (route: Route, sock: Socket, tls: BackendTlsConfig) => {
-        // The backend may know the user by another name; a proxy-authorised login keeps its
-        // own authcid and only the mailbox name changes.
-        const mapped = Buffer.from(route.backendLogin, 'utf8');
-        const backendCreds: ImapCredentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
-        return imapBackendLogin(sock, route.host, backendCreds, {
-          tls,
-          clientIp: this.clientIp,
-          clientPort: this.clientPort,
-          forwardClientIp: backend.forward_client_ip,
-        });
-      };
-      await this.loginAndSplice('imap', login, dialogue, (result) => {
-        const shown = shownAtLogin(result.untagged, result.okText);
-        return {
-          toClient: `${shown.untagged.map((l) => `${l}\r\n`).join('')}${tag} ${shown.okText}\r\n`,
-          farewell: imapFarewell,
-          logout: 'Z LOGOUT\r\n',
-          refuseCompress: shown.refuseCompress,
-        };
-      });
+      await this.loginAndSplice(
+        'imap',
+        creds,
+        (route, sock, tls, backendCreds) =>
+          imapBackendLogin(sock, route.host, backendCreds, { tls, clientIp: this.clientIp, clientPort: this.clientPort, forwardClientIp: backend.forward_client_ip }),
+        (result) => {
+          const shown = shownAtLogin(result.untagged, result.okText);
+          return {
+            toClient: `${shown.untagged.map((l) => `${l}\r\n`).join('')}${tag} ${shown.okText}\r\n`,
+            farewell: imapFarewell,
+            logout: 'Z LOGOUT\r\n',
+            refuseCompress: shown.refuseCompress,
+          };
+        },
+      );
       return true;
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;

@@ -1,7 +1,8 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
-import type { PlainCredentials } from './sasl.js';
+import type { PasswordCredentials } from '../auth/credentials.js';
+import { encodePlain } from '../auth/sasl.js';
 import { LineReader } from './lines.js';
 
 // The backend half of a POP3 login (RFC 1939, 2449, 2595, 5034): greeting, CAPA, optional
@@ -9,7 +10,7 @@ import { LineReader } from './lines.js';
 // the password; the proxy only carries it.
 
 /** The same shape as IMAP's: SASL PLAIN's three fields. */
-export type Pop3Credentials = PlainCredentials;
+export type Pop3Credentials = PasswordCredentials;
 
 export interface Pop3BackendLogin {
   socket: Socket;
@@ -124,7 +125,7 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       }
     }
 
-    const plain = Buffer.concat([creds.authzid ?? Buffer.alloc(0), Buffer.from([0]), creds.authcid, Buffer.from([0]), creds.password]).toString('base64');
+    const plain = encodePlain(creds).toString('base64');
     let answer: string;
     if (saslPlain(caps) || creds.authzid) {
       if (!saslPlain(caps)) throw new BackendRefused('auth', 'backend does not offer SASL PLAIN for a proxy login');

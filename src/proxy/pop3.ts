@@ -1,13 +1,12 @@
 import type { Socket } from 'node:net';
-import type { BackendTlsConfig } from '../config.js';
-import type { Route } from '../lookup/model.js';
-import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
-import { decodePlain } from './sasl.js';
+import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
+import { findMechanism, offeredMechanisms, runSasl } from '../auth/mechanisms.js';
+import { LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from './core.js';
 import { LineTooLong } from './lines.js';
-import { pop3BackendLogin, Pop3Refused, type Pop3Credentials } from './pop3-backend.js';
+import { pop3BackendLogin, Pop3Refused, type Pop3BackendLogin } from './pop3-backend.js';
 
 // The POP3 pre-auth dialogue (RFC 1939, 2449, 2595, 5034, 3206): greeting, CAPA, USER/PASS,
-// AUTH PLAIN, STLS, QUIT, NOOP. Everything else before login is an error. After a
+// AUTH (the mechanisms of src/auth/mechanisms.ts), STLS, QUIT, NOOP. Everything else before login is an error. After a
 // successful backend login the connection is spliced and this object is dropped. POP3 has
 // no unsolicited responses, so a session ended by an event is simply closed (no farewell).
 
@@ -41,10 +40,14 @@ export class Pop3Preauth extends PreauthConnection {
    */
   private capabilities(): string[] {
     const caps = ['TOP', 'UIDL', 'RESP-CODES', 'AUTH-RESP-CODE', 'PIPELINING'];
-    if (this.credentialsAllowed) caps.push('USER', 'SASL PLAIN');
+    if (this.credentialsAllowed) caps.push('USER', `SASL ${this.mechanismNames().join(' ')}`);
     if (this.canStartTls) caps.push('STLS');
     caps.push('IMPLEMENTATION mailsplice');
     return caps;
+  }
+
+  private mechanismNames(): string[] {
+    return offeredMechanisms(this.passwordsChecked).map((m) => m.name);
   }
 
   async run(): Promise<void> {
@@ -159,19 +162,19 @@ export class Pop3Preauth extends PreauthConnection {
       this.fail('-ERR PASS needs a password');
       return false;
     }
-    return this.login({ authcid: Buffer.from(user, 'latin1'), password: Buffer.from(arg, 'latin1') });
+    return this.login(passwordCredentials(Buffer.from(user, 'latin1'), Buffer.from(arg, 'latin1')));
   }
 
   /** RFC 5034 AUTH; a bare AUTH lists the mechanisms, as many clients expect (RFC 1734 style). */
   private async auth(arg: string): Promise<boolean> {
     this.user = undefined;
     const [mechRaw = '', ir, ...extra] = arg.split(' ');
-    const mech = mechRaw.toUpperCase();
-    if (mech === '') {
-      this.write(`+OK\r\n${this.credentialsAllowed ? 'PLAIN\r\n' : ''}.\r\n`);
+    if (mechRaw === '') {
+      this.write(`+OK\r\n${this.credentialsAllowed ? this.mechanismNames().map((n) => `${n}\r\n`).join('') : ''}.\r\n`);
       return false;
     }
-    if (mech !== 'PLAIN' || extra.length > 0) {
+    const mech = findMechanism(mechRaw, this.passwordsChecked);
+    if (!mech || extra.length > 0) {
       this.fail('-ERR Unsupported authentication mechanism');
       return false;
     }
@@ -179,33 +182,25 @@ export class Pop3Preauth extends PreauthConnection {
       this.write(PLAINTEXT_REFUSED);
       return false;
     }
-    let response: string;
-    if (ir !== undefined) {
-      response = ir; // "=" is an empty initial response (RFC 5034 section 4)
-    } else {
-      this.write('+ \r\n');
-      response = await this.reader.line();
-    }
-    if (response === '*') {
+    // "=" is an empty initial response (RFC 5034 section 4).
+    const outcome = await runSasl(mech, ir, { challenge: (b64) => this.write(`+ ${b64}\r\n`), response: () => this.reader.line() });
+    if (outcome.kind === 'cancelled') {
       this.write('-ERR Authentication cancelled\r\n');
       return false;
     }
-    const creds = decodePlain(response);
-    if (!creds) {
-      this.fail('-ERR Invalid SASL PLAIN response');
+    if (outcome.kind === 'malformed') {
+      this.fail(`-ERR Invalid SASL ${mech.name} response`);
       return false;
     }
-    return this.login(creds);
+    return this.login(outcome.credentials);
   }
 
-  private async login(creds: Pop3Credentials): Promise<boolean> {
-    // The mailbox owner decides the route: authzid when a master login names one.
-    const login = (creds.authzid ?? creds.authcid).toString('utf8');
+  private async login(creds: Credentials): Promise<boolean> {
+    // For the log: the routed login may differ (an alias mapped by the password checker).
+    const login = mailboxOwner(creds);
     let backendSaid: string | undefined;
     try {
-      const dialogue = async (route: Route, sock: Socket, tls: BackendTlsConfig) => {
-        const mapped = Buffer.from(route.backendLogin, 'utf8');
-        const backendCreds: Pop3Credentials = creds.authzid ? { ...creds, authzid: mapped } : { ...creds, authcid: mapped };
+      const dialogue: BackendDialogue<Pop3BackendLogin> = async (route, sock, tls, backendCreds) => {
         try {
           return await pop3BackendLogin(sock, route.host, backendCreds, {
             tls,
@@ -218,7 +213,7 @@ export class Pop3Preauth extends PreauthConnection {
           throw e;
         }
       };
-      await this.loginAndSplice('pop3', login, dialogue, (result) => ({ toClient: `${result.okLine}\r\n`, logout: 'QUIT\r\n' }));
+      await this.loginAndSplice('pop3', creds, dialogue, (result) => ({ toClient: `${result.okLine}\r\n`, logout: 'QUIT\r\n' }));
       return true;
     } catch (e) {
       if (!(e instanceof LoginFailed)) throw e;

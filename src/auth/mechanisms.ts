@@ -1,0 +1,125 @@
+import { passwordCredentials, type Credentials } from './credentials.js';
+import { decodeBase64, encodeBase64, parsePlain } from './sasl.js';
+
+// The client SASL mechanisms, one table for IMAP AUTHENTICATE and POP3 AUTH. Each yields
+// the one Credentials shape. A mechanism is a small state machine over decoded responses;
+// the dialogue (`runSasl`) does the wire: base64, `*` to cancel, and a bound on rounds.
+
+export type SaslStep =
+  | { kind: 'challenge'; challenge: Buffer }
+  | { kind: 'done'; credentials: Credentials }
+  | { kind: 'malformed' };
+
+/** One exchange in progress: `undefined` is "no initial response". */
+export interface SaslServer {
+  step(response: Buffer | undefined): SaslStep;
+}
+
+export interface Mechanism {
+  name: string;
+  /** Offered only when the proxy checks passwords itself (see auth.ldap). */
+  needsPasswordCheck: boolean;
+  start(): SaslServer;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** RFC 4616. No initial response: an empty challenge, then the message. */
+const PLAIN: Mechanism = {
+  name: 'PLAIN',
+  needsPasswordCheck: false,
+  start: () => {
+    let asked = false;
+    return {
+      step(response) {
+        if (response === undefined) {
+          if (asked) return { kind: 'malformed' };
+          asked = true;
+          return { kind: 'challenge', challenge: EMPTY };
+        }
+        const creds = parsePlain(response);
+        return creds ? { kind: 'done', credentials: creds } : { kind: 'malformed' };
+      },
+    };
+  },
+};
+
+/**
+ * draft-murchison-sasl-login: "Username:" then "Password:". An initial response (some
+ * clients send one with SASL-IR) is the user name. LOGIN carries no authzid.
+ */
+const LOGIN: Mechanism = {
+  name: 'LOGIN',
+  needsPasswordCheck: true,
+  start: () => {
+    let user: Buffer | undefined;
+    let asked = false;
+    return {
+      step(response) {
+        if (response === undefined) {
+          if (asked || user) return { kind: 'malformed' };
+          asked = true;
+          return { kind: 'challenge', challenge: Buffer.from('Username:') };
+        }
+        if (!user) {
+          if (response.length === 0 || response.includes(0)) return { kind: 'malformed' };
+          user = response;
+          return { kind: 'challenge', challenge: Buffer.from('Password:') };
+        }
+        if (response.includes(0)) return { kind: 'malformed' };
+        return { kind: 'done', credentials: passwordCredentials(user, response) };
+      },
+    };
+  },
+};
+
+/** Keyed by upper-case name. OAUTHBEARER goes here, with a `token` Credentials kind. */
+export const MECHANISMS: ReadonlyMap<string, Mechanism> = new Map([PLAIN, LOGIN].map((m) => [m.name, m]));
+
+/** The mechanisms a client may use, in the order to advertise them. */
+export function offeredMechanisms(passwordsChecked: boolean): Mechanism[] {
+  return [...MECHANISMS.values()].filter((m) => passwordsChecked || !m.needsPasswordCheck);
+}
+
+export function findMechanism(name: string, passwordsChecked: boolean): Mechanism | undefined {
+  const m = MECHANISMS.get(name.toUpperCase());
+  return m && (passwordsChecked || !m.needsPasswordCheck) ? m : undefined;
+}
+
+/** No mechanism here needs more; a client that keeps answering is refused. */
+export const MAX_SASL_ROUNDS = 4;
+
+export type SaslOutcome = { kind: 'ok'; credentials: Credentials } | { kind: 'cancelled' } | { kind: 'malformed' };
+
+/** How a front end sends a challenge and reads the next response line (bounded by its line reader). */
+export interface SaslWire {
+  /** Writes `+ <base64>` (IMAP and POP3 alike). */
+  challenge(b64: string): void;
+  response(): Promise<string>;
+}
+
+/**
+ * Runs one exchange. `initial` is the initial response as sent on the command line
+ * (`=` for empty), undefined when there was none.
+ */
+export async function runSasl(mech: Mechanism, initial: string | undefined, wire: SaslWire): Promise<SaslOutcome> {
+  const server = mech.start();
+  let step: SaslStep;
+  if (initial !== undefined) {
+    const raw = decodeBase64(initial);
+    if (raw === undefined) return { kind: 'malformed' };
+    step = server.step(raw);
+  } else {
+    step = server.step(undefined);
+  }
+  for (let round = 0; ; round++) {
+    if (step.kind === 'done') return { kind: 'ok', credentials: step.credentials };
+    if (step.kind === 'malformed' || round >= MAX_SASL_ROUNDS) return { kind: 'malformed' };
+    wire.challenge(encodeBase64(step.challenge));
+    const line = await wire.response();
+    if (line === '*') return { kind: 'cancelled' };
+    const raw = decodeBase64(line);
+    if (raw === undefined) return { kind: 'malformed' };
+    step = server.step(raw);
+  }
+}
