@@ -1,6 +1,8 @@
 import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from './admin.js';
-import type { Config } from './config.js';
+import { configWarnings, type Config } from './config.js';
+import { loadIdentities } from './auth/identity.js';
+import { LdapPasswordChecker } from './auth/ldap.js';
 import { createLogger, type Logger } from './log.js';
 import { FileSource } from './lookup/file.js';
 import { RedisSource } from './lookup/redis.js';
@@ -52,6 +54,10 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
 }
 
 export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level)): Promise<RunningServer> {
+  for (const w of configWarnings(cfg)) log.warn('config', { warning: w });
+  // Secret files are read now: a missing one stops the start, not the first login.
+  loadIdentities(cfg.backend);
+  const passwords = cfg.auth.ldap ? new LdapPasswordChecker(cfg.auth.ldap, log) : undefined;
   const lookupLog = lookupErrors(cfg, log);
   const source = createSource(cfg, log, lookupLog.onError);
   const router = new Router(source, {
@@ -93,6 +99,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     log,
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
     ownListeners: new OwnListeners(),
+    ...(passwords ? { passwords } : {}),
   };
   router.start();
   // Logins that arrive before the lookup is connected would all fail: give it a moment.
@@ -116,6 +123,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     admin?.close();
     sweep.stop();
     throttle.close();
+    await passwords?.close();
     await router.close();
   };
   try {

@@ -29,6 +29,11 @@ export interface DovecotSlotOptions {
   trustedNetworks?: string;
   /** Directory to use; a fresh temp dir by default. */
   dir?: string;
+  /**
+   * Master users: each may log in as any user, as SASL PLAIN with authzid = the user or
+   * as `user*master` (auth_master_user_separator = *) with the master's password.
+   */
+  masterUsers?: SlotUser[];
   /** Appended verbatim to the generated dovecot.conf (later settings win). */
   extraConfig?: string;
 }
@@ -112,6 +117,7 @@ export async function startDovecotSlot(opts: DovecotSlotOptions): Promise<Doveco
   const logFile = path.join(dir, 'dovecot.log');
   const confFile = path.join(dir, 'dovecot.conf');
   const passwdFile = path.join(dir, 'users.passwd');
+  const masterFile = path.join(dir, 'masters.passwd');
   await mkdir(stateDir, { recursive: true });
   await mkdir(mailRoot, { recursive: true });
   await chown(mailRoot, owner.uid, owner.gid);
@@ -137,6 +143,10 @@ export async function startDovecotSlot(opts: DovecotSlotOptions): Promise<Doveco
     ),
     { mode: 0o644 },
   );
+
+  const masters = opts.masterUsers ?? [];
+  for (const m of masters) if (/[:\s*]/.test(m.name) || /[:\s]/.test(m.password)) throw new Error(`unsupported master user/password: ${m.name}`);
+  if (masters.length > 0) await writeFile(masterFile, masters.map((m) => `${m.name}:{PLAIN}${m.password}\n`).join(''), { mode: 0o644 });
 
   // Unique per slot (shows in `ps` as the master's name); ids repeat across worlds.
   const instanceName = `mailsplice-${id}-${randomBytes(3).toString('hex')}`;
@@ -182,7 +192,15 @@ disable_plaintext_auth = no
 # Lets a proxy in front pass the real client IP (IMAP ID / XCLIENT). Dovecot
 # also counts trusted clients as "secured", so ssl = required would not apply.
 login_trusted_networks = ${trusted}
+${masters.length > 0 ? `# Master users (the proxy's admin identity); pass = yes: the user must exist in the passdb below.
+auth_master_user_separator = *
 passdb {
+  driver = passwd-file
+  master = yes
+  pass = yes
+  args = scheme=PLAIN ${masterFile}
+}
+` : ''}passdb {
   driver = passwd-file
   args = scheme=PLAIN ${passwdFile}
 }
