@@ -1,7 +1,8 @@
-import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeCA, makeCert } from './harness/certs.js';
 import { imapSubjects, pop3Uidls } from './harness/clients.js';
 import { CYRUS_ADMIN, startCyrusSlot, type CyrusSlot } from './harness/cyrus.js';
 import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
@@ -333,5 +334,79 @@ describe('failure delay and throttle', () => {
     } finally {
       d.close();
     }
+  });
+});
+
+describe('the directory over TLS, and a directory that hangs', () => {
+  let tlsLdap: Slapd;
+  let caFile: string;
+  let otherCaFile: string;
+
+  beforeAll(async () => {
+    const certs = path.join(tmp, 'ldap-certs');
+    const ca = await makeCA(certs);
+    caFile = ca.certFile;
+    otherCaFile = (await makeCA(path.join(tmp, 'other-ca'), 'some other CA')).certFile;
+    const cert = await makeCert(certs, { ca, cn: 'ldap.test', altNames: ['ldap.test', '127.0.0.73'] });
+    tlsLdap = await startSlapd({ host: '127.0.0.73', dir: path.join(tmp, 'slapd-tls'), tls: cert });
+  });
+
+  afterAll(async () => {
+    await tlsLdap?.destroy();
+  });
+
+  async function tlsProxy(ldapDoc: Record<string, unknown>): Promise<TestProxy> {
+    const p = await startProxy({
+      listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }],
+      lookup: { file: routesFile },
+      limits: { auth_failure_delay_ms: 0 },
+      backend: { identity_groups: [{ slots: ['cyrus*'], login_name: 'local_part' }] },
+      auth: { ldap: { ...ldapConfig(), ...ldapDoc } },
+    });
+    proxies.push(p);
+    return p;
+  }
+
+  async function login(p: TestProxy, user: string, password: string): Promise<string> {
+    const c = await open(p, 'imap');
+    try {
+      return await imap(c, 'a', `LOGIN ${user} ${password}`);
+    } finally {
+      c.close();
+    }
+  }
+
+  it('checks passwords over ldaps:// and over StartTLS, verified against the configured CA', async () => {
+    const ldaps = await tlsProxy({ url: tlsLdap.ldapsUrl, ca: caFile });
+    expect(await login(ldaps, 'alice@example.com', 'alicepw')).toMatch(/^a OK /);
+    expect(await login(ldaps, 'alice@example.com', 'wrong')).toBe('a NO [AUTHENTICATIONFAILED] Authentication failed');
+    const starttls = await tlsProxy({ url: tlsLdap.url, starttls: true, ca: caFile });
+    expect(await login(starttls, 'ali@example.org', 'alicepw')).toMatch(/^a OK /);
+  });
+
+  it('is UNAVAILABLE when the certificate does not verify', async () => {
+    const ldaps = await tlsProxy({ url: tlsLdap.ldapsUrl, ca: otherCaFile });
+    expect(await login(ldaps, 'alice@example.com', 'alicepw')).toMatch(/^a NO \[UNAVAILABLE\] /);
+    const starttls = await tlsProxy({ url: tlsLdap.url, starttls: true, ca: otherCaFile });
+    expect(await login(starttls, 'alice@example.com', 'alicepw')).toMatch(/^a NO \[UNAVAILABLE\] /);
+  });
+
+  it('is UNAVAILABLE when the directory accepts connections but never answers', async () => {
+    const p = await tlsProxy({ url: tlsLdap.url, timeout_ms: 500, connect_timeout_ms: 500 });
+    expect(await login(p, 'alice@example.com', 'alicepw')).toMatch(/^a OK /); // a pooled connection exists now
+    const pid = Number((await readFile(path.join(tlsLdap.dir, 'slapd.pid'), 'utf8')).trim());
+    process.kill(pid, 'SIGSTOP');
+    try {
+      expect(await login(p, 'alice@example.com', 'alicepw')).toMatch(/^a NO \[UNAVAILABLE\] /);
+      const d = await open(p, 'pop3');
+      try {
+        expect(await pop3(d, `AUTH PLAIN ${b64('\0alice@example.com\0alicepw')}`)).toMatch(/^-ERR \[SYS\/TEMP\] /);
+      } finally {
+        d.close();
+      }
+    } finally {
+      process.kill(pid, 'SIGCONT');
+    }
+    expect(await login(p, 'alice@example.com', 'alicepw')).toMatch(/^a OK /);
   });
 });

@@ -59,6 +59,9 @@ export class LdapPasswordChecker implements PasswordChecker {
     if (this.secureUrl || cfg.starttls) {
       const host = new URL(cfg.url).hostname.replace(/^\[|\]$/g, '');
       this.tls = {
+        // host: what the certificate is checked against when StartTLS upgrades a socket
+        // (tls.connect would check "localhost" otherwise); servername: SNI, names only.
+        host,
         ...(cfg.ca ? { ca: readFileSync(cfg.ca) } : {}),
         rejectUnauthorized: cfg.verify,
         servername: cfg.servername ?? (isIP(host) ? undefined : host),
