@@ -384,19 +384,6 @@ export function loadConfig(file: string): Config {
   return parseConfig(doc, file, dirname(resolve(file)));
 }
 
-/** Settings that work but are likely mistakes: logged at start. */
-export function configWarnings(cfg: Config): string[] {
-  const out: string[] = [];
-  const ldap = cfg.auth.ldap;
-  if (ldap && !cfg.backend.identity_groups.some((g) => g.identity === 'admin')) {
-    out.push('auth.ldap is set but no backend.identity_groups entry uses identity: admin: passwords are checked twice (by the directory and by every backend)');
-  }
-  if (ldap && ldap.url.startsWith('ldap://') && !ldap.starttls && !isLoopback(new URL(ldap.url).hostname)) {
-    out.push(`auth.ldap.url ${ldap.url} without starttls: passwords cross the network in clear`);
-  }
-  return out;
-}
-
 /** Whether a listener accepts cleartext credentials before TLS. */
 export function plaintextAllowed(l: ListenerConfig): boolean {
   return l.plaintext_auth ?? (l.tls === 'none' && isLoopback(l.address));

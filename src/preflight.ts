@@ -2,6 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { readPasswordFile } from './auth/identity.js';
+import { readSecretFile } from './auth/secret-file.js';
 import { BACKEND_PROTOCOLS, isLoopback, plaintextAllowed, type Config } from './config.js';
 
 // What the schema cannot see: the files a config names, and settings that are legal but
@@ -64,6 +65,25 @@ export function preflight(cfg: Config): Preflight {
       errors.push(`backend.identity_groups.${i}.admin_password_file: ${describe(e)}`);
     }
   });
+  const checkSecret = (where: string, file: string | undefined) => {
+    if (file === undefined) return;
+    try {
+      readSecretFile(file, where);
+    } catch (e) {
+      errors.push((e as Error).message);
+    }
+  };
+  const ldap = cfg.auth.ldap;
+  if (ldap) {
+    checkCa('auth.ldap', ldap.ca);
+    checkSecret('auth.ldap.bind_password_file', ldap.bind_password_file);
+    if (!cfg.backend.identity_groups.some((g) => g.identity === 'admin')) {
+      warnings.push('auth.ldap is set but no backend.identity_groups entry uses identity: admin: every password is checked twice, by the directory and by the backend');
+    }
+    if (ldap.url.startsWith('ldap://') && !ldap.starttls && !isLoopback(new URL(ldap.url).hostname)) {
+      warnings.push(`auth.ldap.url ${ldap.url} without starttls: passwords cross the network to the directory in clear`);
+    }
+  }
   if (cfg.admin?.token_file !== undefined) {
     try {
       readAdminToken(cfg.admin.token_file);

@@ -1,6 +1,6 @@
 import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from './admin.js';
-import { configWarnings, type Config } from './config.js';
+import type { Config } from './config.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
 import { createLogger, type Logger } from './log.js';
@@ -54,7 +54,6 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
 }
 
 export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level)): Promise<RunningServer> {
-  for (const w of configWarnings(cfg)) log.warn('config', { warning: w });
   // Secret files are read now: a missing one stops the start, not the first login.
   loadIdentities(cfg.backend);
   const passwords = cfg.auth.ldap ? new LdapPasswordChecker(cfg.auth.ldap, log) : undefined;

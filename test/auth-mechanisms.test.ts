@@ -5,6 +5,7 @@ import { findMechanism, MAX_SASL_ROUNDS, MECHANISMS, offeredMechanisms, runSasl,
 import { decodeBase64, parsePlain } from '../src/auth/sasl.js';
 import { escapeFilterValue, userFilter } from '../src/auth/ldap.js';
 import { parseConfig } from '../src/config.js';
+import { preflight } from '../src/preflight.js';
 import type { Route } from '../src/lookup/model.js';
 
 // The mechanism table, the SASL dialogue driver and the identity rule are pure logic:
@@ -159,5 +160,35 @@ describe('LDAP filter', () => {
     expect(escapeFilterValue('a*b(c)\\d\0')).toBe('a\\2ab\\28c\\29\\5cd\\00');
     expect(userFilter('(|(mail=%u)(uid=%n)(dc=%d))', 'al*ice@ex.com')).toBe('(|(mail=al\\2aice@ex.com)(uid=al\\2aice)(dc=ex.com))');
     expect(userFilter('(uid=%n)%%', 'bob')).toBe('(uid=bob)%');
+  });
+});
+
+describe('auth config checks', () => {
+  const base = { listeners: [{ protocol: 'imap', port: 1143 }], lookup: { file: 'r.yaml' } };
+
+  it('preflight: a missing secret file is an error; LDAP without an admin group, or in clear off loopback, a warning', () => {
+    const cfg = parseConfig(
+      {
+        ...base,
+        backend: { identity_groups: [{ slots: ['c*'], identity: 'admin', admin_user: 'a', admin_password_file: '/nonexistent/admin.pw' }] },
+        auth: { ldap: { url: 'ldap://127.0.0.1', base_dn: 'dc=x', bind_dn: 'cn=s', bind_password_file: '/nonexistent/ldap.pw' } },
+      },
+      't',
+    );
+    const { errors, warnings } = preflight(cfg);
+    expect(errors.join('\n')).toMatch(/admin_password_file:? \/nonexistent\/admin\.pw/);
+    expect(errors.join('\n')).toMatch(/bind_password_file \/nonexistent\/ldap\.pw/);
+    expect(warnings).toEqual([]);
+    const plain = preflight(parseConfig({ ...base, auth: { ldap: { url: 'ldap://ldap.example.com', base_dn: 'dc=x' } } }, 't')).warnings.join('\n');
+    expect(plain).toMatch(/no backend.identity_groups entry uses identity: admin/);
+    expect(plain).toMatch(/without starttls: passwords cross the network/);
+  });
+
+  it('refuses bad LDAP settings', () => {
+    const ldap = (l: Record<string, unknown>) => () => parseConfig({ ...base, auth: { ldap: { url: 'ldap://h', base_dn: 'dc=x', ...l } } }, 't');
+    expect(ldap({ url: 'http://h' })).toThrow(/ldap:\/\/host\[:port\] or ldaps/);
+    expect(ldap({ url: 'ldaps://h', starttls: true })).toThrow(/starttls with ldaps/);
+    expect(ldap({ bind_dn: 'cn=s' })).toThrow(/set both bind_dn and bind_password_file/);
+    expect(ldap({ filter: '(mail=*)' })).toThrow(/must use %u, %n or %d/);
   });
 });
