@@ -380,8 +380,16 @@ describe('the directory over TLS, and a directory that hangs', () => {
     const ldaps = await tlsProxy({ url: tlsLdap.ldapsUrl, ca: caFile });
     expect(await login(ldaps, 'alice@example.com', 'alicepw')).toMatch(/^a OK /);
     expect(await login(ldaps, 'alice@example.com', 'wrong')).toBe('a NO [AUTHENTICATIONFAILED] Authentication failed');
-    const starttls = await tlsProxy({ url: tlsLdap.url, starttls: true, ca: caFile });
+    // login_attribute in another case than the directory's `mail`: attribute names are case-insensitive.
+    const starttls = await tlsProxy({ url: tlsLdap.url, starttls: true, ca: caFile, login_attribute: 'MAIL' });
     expect(await login(starttls, 'ali@example.org', 'alicepw')).toMatch(/^a OK /);
+  });
+
+  it('searches anonymously when no bind_dn is set, also on a connection a user bound last', async () => {
+    const p = await tlsProxy({ url: tlsLdap.url, bind_dn: undefined, bind_password_file: undefined, pool_size: 1 });
+    expect(await login(p, 'alice@example.com', 'alicepw')).toMatch(/^a OK /);
+    expect(await login(p, 'ali@example.org', 'wrong')).toBe('a NO [AUTHENTICATIONFAILED] Authentication failed');
+    expect(await login(p, 'alice.smith@example.com', 'alicepw')).toMatch(/^a OK /);
   });
 
   it('is UNAVAILABLE when the certificate does not verify', async () => {

@@ -111,7 +111,10 @@ export class LdapPasswordChecker implements PasswordChecker {
     const entry = searchEntries[0]!;
     let canonical = login;
     if (cfg.login_attribute) {
-      const v = entry[cfg.login_attribute];
+      // Attribute names are case-insensitive (RFC 4512); the entry has them as the server spells them.
+      const wanted = cfg.login_attribute.toLowerCase();
+      const key = Object.keys(entry).find((k) => k.toLowerCase() === wanted);
+      const v = key === undefined ? undefined : entry[key];
       const first = Array.isArray(v) ? v[0] : v;
       const text = Buffer.isBuffer(first) ? first.toString('utf8') : first;
       if (typeof text !== 'string' || text === '') return { ok: false, why: `entry has no ${cfg.login_attribute}` };
