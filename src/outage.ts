@@ -1,33 +1,48 @@
 import type { Logger } from './log.js';
 
+export interface OutageLogOptions {
+  /** What is down, e.g. "Redis at 10.0.0.5:6379". */
+  what: string;
+  /** What it means for clients, said once when it goes down. */
+  effect: string;
+  /** An error in words an operator acts on. */
+  describe: (e: Error) => string;
+  summaryMs?: number;
+  now?: () => number;
+}
+
 /**
- * Turns a stream of errors from one dependency (Redis) into a few lines an operator can
- * read: one when it goes down, a summary with a count every `summaryMs` while it stays
- * down, one when it is back. A reconnecting client reports an error per attempt (several a
- * second); logging each would bury everything else. No timer: the summary is written by the
- * next error after the interval, and errors keep coming for as long as the outage lasts.
+ * Turns a stream of errors from one dependency (Redis, the LDAP directory) into a few lines
+ * an operator can read: one when it goes down, a summary with a count every `summaryMs` while
+ * it stays down, one when it is back. A reconnecting client reports an error per attempt
+ * (several a second); logging each would bury everything else. No timer: the summary is
+ * written by the next error after the interval, and errors keep coming for as long as the
+ * outage lasts.
  */
 export class OutageLog {
   private downSince: number | undefined;
   private lastSummary = 0;
   private errors = 0;
+  private readonly what: string;
+  private readonly summaryMs: number;
+  private readonly now: () => number;
 
   constructor(
     private readonly log: Logger,
-    /** What is down, e.g. "Redis at 10.0.0.5:6379". */
-    private readonly what: string,
-    private readonly describe: (e: Error) => string,
-    private readonly summaryMs = 60_000,
-    private readonly now: () => number = Date.now,
-  ) {}
+    private readonly opts: OutageLogOptions,
+  ) {
+    this.what = opts.what;
+    this.summaryMs = opts.summaryMs ?? 60_000;
+    this.now = opts.now ?? Date.now;
+  }
 
   error(e: Error): void {
-    const reason = this.describe(e);
+    const reason = this.opts.describe(e);
     const now = this.now();
     this.errors++;
     if (this.downSince === undefined) {
       this.downSince = this.lastSummary = now;
-      this.log.warn(`${this.what} unreachable; logins get UNAVAILABLE for users not in the cache`, { reason });
+      this.log.warn(`${this.what} unreachable; ${this.opts.effect}`, { reason });
       return;
     }
     // Not on every change of reason: a client that reconnects and a command that fails

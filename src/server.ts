@@ -41,7 +41,11 @@ function zeroResults(): Record<LoginResult, number> {
 /** Where lookup errors go: for Redis, aggregated into outage lines (see OutageLog). */
 function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLive(live: boolean): void; outage?: OutageLog } {
   if (!cfg.lookup.redis) return { onError: (e) => log.warn('lookup', { error: e.message }), onLive() {} };
-  const outage = new OutageLog(log, `Redis at ${redisEndpoint(cfg.lookup.redis.url)}`, describeRedisError);
+  const outage = new OutageLog(log, {
+    what: `Redis at ${redisEndpoint(cfg.lookup.redis.url)}`,
+    effect: 'logins get UNAVAILABLE for users not in the cache',
+    describe: describeRedisError,
+  });
   return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok(), outage };
 }
 

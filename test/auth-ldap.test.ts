@@ -9,6 +9,7 @@ import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
 import { connectLines, type LineClient } from './harness/lines.js';
 import { LDAP_USERS, startSlapd, type Slapd } from './harness/slapd.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
+import { createLogger } from '../src/log.js';
 import { writeRoutesFile, type RouteModel } from './support/routes.js';
 
 // Passwords checked at the proxy against a real slapd, and the backend identity rule
@@ -112,14 +113,15 @@ function ldapConfig(): Record<string, unknown> {
 
 type Groups = Record<string, unknown>[];
 
-async function proxyWith(groups: Groups, opts: { ldap?: boolean; limits?: Record<string, unknown> } = {}): Promise<TestProxy> {
+async function proxyWith(groups: Groups, opts: { ldap?: boolean; limits?: Record<string, unknown>; logTo?: string[] } = {}): Promise<TestProxy> {
+  const logTo = opts.logTo;
   const p = await startProxy({
     listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }],
     lookup: { file: routesFile },
     limits: { auth_failure_delay_ms: 0, ...opts.limits },
     backend: { identity_groups: groups },
     ...(opts.ldap === false ? {} : { auth: { ldap: ldapConfig() } }),
-  });
+  }, logTo && createLogger('info', (l) => void logTo.push(l)));
   proxies.push(p);
   return p;
 }
@@ -178,8 +180,9 @@ async function pop3(c: LineClient, command: string, then: string[] = []): Promis
 
 describe('admin identity (Cyrus proxyservers, Dovecot master user) with passwords checked in LDAP', () => {
   let p: TestProxy;
+  const logged: string[] = [];
   beforeAll(async () => {
-    p = await proxyWith(groups(ADMIN_GROUPS));
+    p = await proxyWith(groups(ADMIN_GROUPS), { logTo: logged });
   });
 
   it('logs carol in on Cyrus as the admin for `carol` (local part) and dave on Dovecot as the master user, over IMAP', async () => {
@@ -274,6 +277,15 @@ describe('admin identity (Cyrus proxyservers, Dovecot master user) with password
     }
     // The pool drops the dead connections and opens new ones.
     expect(await imapSubjects({ host: p.host, port: p.ports.imap!, user: 'alice@example.com', password: 'alicepw' })).toContain('for alice on cyrus');
+    // Three failed checks, one outage: one line when it went down, one when it came back
+    // (and never a password in either).
+    const outage = logged.map((l) => JSON.parse(l) as { msg: string; level: string; reason?: string }).filter((l) => l.msg.startsWith('LDAP directory'));
+    expect(outage.map((l) => `${l.level} ${l.msg}`)).toEqual([
+      `warn LDAP directory ldap://${ldap.host}:${ldap.port} unreachable; logins whose password the proxy checks get UNAVAILABLE`,
+      `info LDAP directory ldap://${ldap.host}:${ldap.port} reachable again`,
+    ]);
+    expect(outage[0]!.reason).toBeTruthy();
+    expect(logged.join('\n')).not.toMatch(/alicepw|bobpw/);
   });
 });
 

@@ -66,7 +66,12 @@ describe('OutageLog', () => {
       const { msg, errors, reason } = JSON.parse(l) as { msg: string; errors?: number; reason?: string };
       out.push(`${msg}${errors === undefined ? '' : ` errors=${errors}`}${reason === undefined ? '' : ` reason=${reason}`}`);
     });
-    const o = new OutageLog(log, 'Redis at r:6379', describeRedisError, 60_000, () => now);
+    const o = new OutageLog(log, {
+      what: 'Redis at r:6379',
+      effect: 'logins get UNAVAILABLE for users not in the cache',
+      describe: describeRedisError,
+      now: () => now,
+    });
     const refused = Object.assign(new Error('connect ECONNREFUSED 10.0.0.5:6379'), { code: 'ECONNREFUSED' });
     const internal = new Error("Stream isn't writeable and enableOfflineQueue options is false");
     for (let t = 0; t < 150_000; t += 500) {

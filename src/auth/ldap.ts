@@ -4,6 +4,7 @@ import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { Client, InvalidCredentialsError } from 'ldapts';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
+import { OutageLog } from '../outage.js';
 import { CheckerUnavailable, type CheckResult, type PasswordChecker } from './checker.js';
 import type { Credentials } from './credentials.js';
 import { readSecretFile } from './secret-file.js';
@@ -49,6 +50,8 @@ export class LdapPasswordChecker implements PasswordChecker {
   private readonly bindPassword: string | undefined;
   private readonly tls: ConnectionOptions | undefined;
   private readonly secureUrl: boolean;
+  /** A directory that is down fails every check: one line when it goes, a count, one when back. */
+  private readonly outage: OutageLog;
 
   constructor(
     private readonly cfg: LdapConfig,
@@ -56,6 +59,12 @@ export class LdapPasswordChecker implements PasswordChecker {
   ) {
     this.bindPassword = cfg.bind_password_file ? readSecretFile(cfg.bind_password_file, 'auth.ldap.bind_password_file').toString('utf8') : undefined;
     this.secureUrl = cfg.url.startsWith('ldaps://');
+    this.outage = new OutageLog(log, {
+      what: `LDAP directory ${ldapEndpoint(cfg.url)}`,
+      effect: 'logins whose password the proxy checks get UNAVAILABLE',
+      // Our own messages already say "ldap <url>:"; the first line of ldapts' is the reason.
+      describe: (e) => e.message.replace(/^ldap( \S+)?: /, ''),
+    });
     if (this.secureUrl || cfg.starttls) {
       const host = new URL(cfg.url).hostname.replace(/^\[|\]$/g, '');
       this.tls = {
@@ -74,10 +83,21 @@ export class LdapPasswordChecker implements PasswordChecker {
     // An empty password is an unauthenticated bind (RFC 4513 5.1.2), which servers accept.
     if (creds.password.length === 0) return { ok: false, why: 'empty password' };
     if (login.length === 0 || login.length > 512) return { ok: false, why: 'bad login' };
+    try {
+      const result = await this.checkWithPool(login, creds.password.toString('utf8'));
+      this.outage.ok();
+      return result;
+    } catch (e) {
+      if (e instanceof CheckerUnavailable && !this.closed) this.outage.error(e);
+      throw e;
+    }
+  }
+
+  private async checkWithPool(login: string, password: string): Promise<CheckResult> {
     const conn = await this.acquire();
     let reusable = false;
     try {
-      const result = await this.checkOn(conn, login, creds.password.toString('utf8'));
+      const result = await this.checkOn(conn, login, password);
       reusable = true;
       return result;
     } catch (e) {
@@ -221,5 +241,15 @@ export class LdapPasswordChecker implements PasswordChecker {
       w.reject(new CheckerUnavailable('ldap: shutting down'));
     }
     await Promise.allSettled(this.idle.splice(0).map((c) => c.client.unbind()));
+  }
+}
+
+/** host:port of an LDAP URL, without anything else it may carry: safe to log. */
+function ldapEndpoint(url: string): string {
+  try {
+    const u = new URL(url);
+    return `${u.protocol}//${u.hostname}${u.port ? `:${u.port}` : ''}`;
+  } catch {
+    return '(unparsable url)';
   }
 }
