@@ -48,6 +48,24 @@ export function parseRecord(kind: ChangeEvent['kind'], h: Hash, id: string): Obj
   return parseSlot(h, id);
 }
 
+/**
+ * Options for a Redis connection on the login path (lookups, the failed-login throttle):
+ * fail fast while Redis is away, so a login gets its answer in bounded time instead of
+ * waiting in ioredis' offline queue through twenty reconnect attempts; reconnect on a short
+ * backoff.
+ */
+export function failFastRedisOptions(commandTimeoutMs: number): RedisOptions {
+  return {
+    lazyConnect: false,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    commandTimeout: commandTimeoutMs,
+    connectTimeout: commandTimeoutMs,
+    keepAlive: 10_000,
+    retryStrategy: (times) => Math.min(50 * 2 ** times, 1000),
+  };
+}
+
 export class RedisSource implements RouteSource {
   private readonly cmd: Redis;
   private sub: Redis | undefined;
@@ -60,18 +78,8 @@ export class RedisSource implements RouteSource {
     this.cmd.on('error', (e: Error) => opts.onError?.(e));
   }
 
-  // Fail fast while Redis is away: a login must get NO [UNAVAILABLE] in bounded time, not
-  // wait in ioredis' offline queue through twenty reconnect attempts.
   private clientOptions(): RedisOptions {
-    return {
-      lazyConnect: false,
-      enableOfflineQueue: false,
-      maxRetriesPerRequest: 0,
-      commandTimeout: this.opts.commandTimeoutMs,
-      connectTimeout: this.opts.commandTimeoutMs,
-      keepAlive: 10_000,
-      retryStrategy: (times) => Math.min(50 * 2 ** times, 1000),
-    };
+    return failFastRedisOptions(this.opts.commandTimeoutMs);
   }
 
   private key(kind: ChangeEvent['kind'], id: string): string {

@@ -1,5 +1,6 @@
 import { Redis } from 'ioredis';
 import type { Logger } from '../log.js';
+import { failFastRedisOptions } from '../lookup/redis.js';
 import type { Sweep } from './sweep.js';
 
 // The failed-login throttle per client address, and the failure delay. Both are driven by
@@ -70,15 +71,8 @@ export class LoginThrottle {
     this.window = this.windowOf(Date.now());
     this.prefix = opts.redis?.prefix ?? '';
     if (opts.redis) {
-      const redis = new Redis(opts.redis.url, {
-        // A login never waits in an offline queue: while Redis is away the count is local.
-        enableOfflineQueue: false,
-        maxRetriesPerRequest: 0,
-        commandTimeout: opts.redis.commandTimeoutMs,
-        connectTimeout: opts.redis.commandTimeoutMs,
-        keepAlive: 10_000,
-        retryStrategy: (times) => Math.min(50 * 2 ** times, 1000),
-      });
+      // A login never waits for Redis: while it is away the count is local.
+      const redis = new Redis(opts.redis.url, failFastRedisOptions(opts.redis.commandTimeoutMs));
       // The lookup logs Redis' own errors; here only the switch to and from local counting.
       redis.on('error', () => this.redisDown());
       redis.defineCommand('throttleReserve', { numberOfKeys: 1, lua: RESERVE });
