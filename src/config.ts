@@ -11,6 +11,24 @@ const tlsMode = z.enum(['none', 'starttls', 'implicit']);
 
 const certPair = z.strictObject({ cert: z.string(), key: z.string() });
 
+/** host:port, e.g. a sentinel: 10.0.0.5:26379, [::1]:26379. */
+const hostPort = z
+  .string()
+  .regex(/^(\[[0-9a-fA-F:.]+\]|[^\s:[\]]+):\d{1,5}$/, 'host:port (an IPv6 address in brackets)')
+  .refine((s) => {
+    const p = Number(s.slice(s.lastIndexOf(':') + 1));
+    return p >= 1 && p <= 65535;
+  }, 'port 1-65535');
+
+const redisTls = z.strictObject({
+  /** CA bundle that signs the Redis (and sentinel) certificates; the system store when absent. */
+  ca: z.string().optional(),
+  servername: z.string().optional(),
+  verify: z.boolean().default(true),
+  /** Speak TLS to the sentinels as well. */
+  sentinels: z.boolean().default(true),
+});
+
 const listener = z
   .strictObject({
     name: z.string().optional(),
@@ -160,7 +178,19 @@ const sections = z.strictObject({
       file: z.string().optional(),
       redis: z
         .strictObject({
-          url: z.string().default('redis://127.0.0.1:6379'),
+          /** One Redis; redis://127.0.0.1:6379 when neither url nor sentinels is set. */
+          url: z.string().optional(),
+          /** Redis Sentinel instead of url: the sentinels (host:port) that watch the master group `name`. */
+          sentinels: z.array(hostPort).min(1).optional(),
+          /** The master group's name in the sentinels' config (`sentinel monitor NAME ...`). */
+          name: z.string().min(1).optional(),
+          /** Redis ACL user and password (also for the Redis a sentinel names); a url may carry them too. */
+          username: z.string().min(1).optional(),
+          password: z.string().min(1).optional(),
+          /** The sentinels' own password (`requirepass` in sentinel.conf), when they have one. */
+          sentinel_password: z.string().min(1).optional(),
+          /** TLS to Redis (with a url, rediss:// does the same with the system CAs); `sentinels: false` talks to the sentinels in clear. */
+          tls: redisTls.optional(),
           prefix: z.string().default('ms:'),
           command_timeout_ms: z.number().int().positive().default(2000),
           /** How often the event subscription is PINGed. */
@@ -168,7 +198,13 @@ const sections = z.strictObject({
           /** Silence on the event subscription past this counts as "events lost". */
           heartbeat_timeout_ms: z.number().int().positive().default(3000),
         })
-        .refine((r) => r.heartbeat_timeout_ms > r.heartbeat_ms, { path: ['heartbeat_timeout_ms'], message: 'must be more than heartbeat_ms' })
+        .superRefine((r, ctx) => {
+          if (r.heartbeat_timeout_ms <= r.heartbeat_ms) ctx.addIssue({ code: 'custom', path: ['heartbeat_timeout_ms'], message: 'must be more than heartbeat_ms' });
+          if (r.sentinels && r.url !== undefined) ctx.addIssue({ code: 'custom', path: ['url'], message: 'set url or sentinels, not both' });
+          if (r.sentinels && r.name === undefined) ctx.addIssue({ code: 'custom', path: ['name'], message: 'sentinels need the master group name' });
+          if (!r.sentinels && r.name !== undefined) ctx.addIssue({ code: 'custom', path: ['name'], message: 'name goes with sentinels' });
+          if (!r.sentinels && r.sentinel_password !== undefined) ctx.addIssue({ code: 'custom', path: ['sentinel_password'], message: 'sentinel_password goes with sentinels' });
+        })
         .optional(),
       default_domain: z.string().optional(),
       cache_users: z.number().int().positive().default(1_000_000),
@@ -279,7 +315,7 @@ const schema = sections.superRefine(crossChecks);
 /** Checks that span sections: what `serve` would otherwise only find out when it binds or connects. */
 function crossChecks(cfg: z.infer<typeof sections>, ctx: z.RefinementCtx): void {
   const url = cfg.lookup.redis?.url;
-  if (url !== undefined && !/^rediss?:\/\/[^/]/.test(url)) {
+  if (url !== undefined && cfg.lookup.redis?.sentinels === undefined && !/^rediss?:\/\/[^/]/.test(url)) {
     // ioredis reads anything else (http://…) as a unix socket path and retries it for ever.
     ctx.addIssue({ code: 'custom', path: ['lookup', 'redis', 'url'], message: `must be redis://host[:port][/db] or rediss://… (got ${JSON.stringify(url)})` });
   }
@@ -328,6 +364,7 @@ export type ListenerConfig = Config['listeners'][number];
 /** One resolved TLS setting towards a backend (the per-protocol overrides already applied). */
 export type BackendTlsConfig = Pick<Config['backend']['tls'], 'mode' | 'ca' | 'servername' | 'verify'>;
 export type IdentityGroupConfig = Config['backend']['identity_groups'][number];
+export type RedisLookupConfig = NonNullable<Config['lookup']['redis']>;
 
 export class ConfigError extends Error {}
 
@@ -345,6 +382,9 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
   // Paths in the file are relative to the file, so a config dir can be moved whole.
   const abs = (p: string | undefined) => (p === undefined ? undefined : resolve(baseDir, p));
   if (cfg.lookup.file) cfg.lookup.file = abs(cfg.lookup.file);
+  const redis = cfg.lookup.redis;
+  if (redis && !redis.sentinels) redis.url ??= 'redis://127.0.0.1:6379';
+  if (redis?.tls) redis.tls.ca = abs(redis.tls.ca);
   for (const l of cfg.listeners) {
     l.cert = abs(l.cert);
     l.key = abs(l.key);

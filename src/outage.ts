@@ -71,16 +71,6 @@ export class OutageLog {
   }
 }
 
-/** Where a Redis URL points, without its password: safe to log. */
-export function redisEndpoint(url: string): string {
-  try {
-    const u = new URL(url);
-    return `${u.hostname || '127.0.0.1'}:${u.port || '6379'}`;
-  } catch {
-    return 'Redis';
-  }
-}
-
 /** An ioredis error in words an operator acts on, instead of the client's internals. */
 export function describeRedisError(e: Error): string {
   const code = (e as NodeJS.ErrnoException).code;
@@ -89,7 +79,7 @@ export function describeRedisError(e: Error): string {
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return 'host name does not resolve';
   if (code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH') return 'host unreachable or not answering';
   if (code === 'ECONNRESET' || code === 'EPIPE') return 'connection dropped by the server';
-  if (/WRONGPASS|NOAUTH|invalid password/i.test(m)) return 'Redis refused the password in lookup.redis.url';
+  if (/WRONGPASS|NOAUTH|invalid password/i.test(m)) return 'Redis refused the password (lookup.redis password or url)';
   if (/Stream isn't writeable|Connection is closed|enableOfflineQueue/.test(m)) return 'not connected (reconnecting)';
   if (/timed? ?out/i.test(m)) return 'Redis did not answer within lookup.redis.command_timeout_ms';
   return m;

@@ -55,6 +55,7 @@ export function preflight(cfg: Config): Preflight {
     checkCa(where, t.ca);
     for (const p of BACKEND_PROTOCOLS) checkCa(`${where}.${p}`, t[p]?.ca);
   };
+  checkCa('lookup.redis.tls', cfg.lookup.redis?.tls?.ca);
   checkCas('backend.tls', cfg.backend.tls);
   cfg.backend.tls_groups.forEach((g, i) => checkCas(`backend.tls_groups.${i}`, g));
   cfg.backend.identity_groups.forEach((g, i) => {

@@ -10,7 +10,8 @@ import { Router } from './lookup/router.js';
 import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { createMetrics } from './metrics.js';
-import { describeRedisError, OutageLog, redisEndpoint } from './outage.js';
+import { describeRedisError, OutageLog } from './outage.js';
+import { describeEndpoint } from './lookup/redis-endpoint.js';
 import type { LoginResult, ProxyContext } from './proxy/core.js';
 import { reloadBackendTls } from './proxy/backend.js';
 import { ClientGate } from './proxy/gate.js';
@@ -42,7 +43,7 @@ function zeroResults(): Record<LoginResult, number> {
 function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLive(live: boolean): void; outage?: OutageLog } {
   if (!cfg.lookup.redis) return { onError: (e) => log.warn('lookup', { error: e.message }), onLive() {} };
   const outage = new OutageLog(log, {
-    what: `Redis at ${redisEndpoint(cfg.lookup.redis.url)}`,
+    what: `Redis at ${describeEndpoint(cfg.lookup.redis)}`,
     effect: 'logins get UNAVAILABLE for users not in the cache',
     describe: describeRedisError,
   });
@@ -52,7 +53,7 @@ function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLi
 export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
   if (cfg.lookup.redis) {
     const r = cfg.lookup.redis;
-    return new RedisSource({ url: r.url, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, heartbeatMs: r.heartbeat_ms, heartbeatTimeoutMs: r.heartbeat_timeout_ms, onError });
+    return new RedisSource({ endpoint: r, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, heartbeatMs: r.heartbeat_ms, heartbeatTimeoutMs: r.heartbeat_timeout_ms, onError });
   }
   return new FileSource(cfg.lookup.file!, cfg.lookup.default_domain, onError);
 }
@@ -85,7 +86,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     {
       failuresPerWindow: cfg.limits.auth_failures_per_ip_per_minute,
       windowMs: 60_000,
-      ...(redis ? { redis: { url: redis.url, prefix: redis.prefix, commandTimeoutMs: redis.command_timeout_ms } } : {}),
+      ...(redis ? { redis: { endpoint: redis, prefix: redis.prefix, commandTimeoutMs: redis.command_timeout_ms } } : {}),
       log,
     },
     sweep,

@@ -32,6 +32,20 @@ describe('config', () => {
     expect(() => parseConfig(doc({ redis: {}, max_resync_removed: 1.5 }), 't')).toThrow(/lookup\.max_resync_removed/);
   });
 
+  it('takes Redis Sentinel (sentinels, name, passwords, TLS) or a url, not both', () => {
+    const doc = (redis: object) => ({ listeners: [{ protocol: 'imap', port: 1143 }], lookup: { redis } });
+    expect(parseConfig(doc({}), 't').lookup.redis?.url).toBe('redis://127.0.0.1:6379');
+    const cfg = parseConfig(doc({ sentinels: ['10.0.0.1:26379', '[::1]:26380'], name: 'ms', password: 'p', sentinel_password: 's', tls: { ca: 'ca.pem' } }), 't', '/etc/m');
+    expect(cfg.lookup.redis).toMatchObject({ sentinels: ['10.0.0.1:26379', '[::1]:26380'], name: 'ms', tls: { ca: '/etc/m/ca.pem', verify: true, sentinels: true } });
+    expect(cfg.lookup.redis?.url).toBeUndefined();
+    expect(() => parseConfig(doc({ sentinels: ['a:1'] }), 't')).toThrow(/lookup\.redis\.name: sentinels need the master group name/);
+    expect(() => parseConfig(doc({ sentinels: ['a:1'], name: 'ms', url: 'redis://a' }), 't')).toThrow(/lookup\.redis\.url: set url or sentinels, not both/);
+    expect(() => parseConfig(doc({ name: 'ms' }), 't')).toThrow(/lookup\.redis\.name: name goes with sentinels/);
+    expect(() => parseConfig(doc({ sentinels: ['10.0.0.1'], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels\.0: host:port/);
+    expect(() => parseConfig(doc({ sentinels: ['10.0.0.1:0'], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels\.0: port 1-65535/);
+    expect(() => parseConfig(doc({ sentinels: [], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels/);
+  });
+
   it('fills defaults and makes paths relative to the file', () => {
     const cfg = loadConfig(file('min.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: routes.yaml }\n'));
     expect(cfg.lookup.file).toBe(join(dir, 'routes.yaml'));

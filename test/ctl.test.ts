@@ -321,7 +321,7 @@ describe('mailsplice ctl in-process', () => {
 
   it("reaches a proxy's RedisSource: two store events, then the new master on read", async () => {
     await seed();
-    const src = new RedisSource({ url: redis.url, prefix, commandTimeoutMs: 2000 });
+    const src = new RedisSource({ endpoint: { url: redis.url }, prefix, commandTimeoutMs: 2000 });
     const seen: ChangeEvent[] = [];
     await new Promise<void>((res) => src.watch((ev) => seen.push(ev), (up) => up && res()));
     try {
@@ -465,7 +465,7 @@ describe('mailsplice ctl in-process', () => {
 
   it('plans again on fresh data when a watched object changes before EXEC', async () => {
     await seed();
-    const store = await RedisHashStore.connect(redis.url, prefix);
+    const store = await RedisHashStore.connect({ url: redis.url }, prefix);
     const admin = new RouteAdmin(store);
     let plans = 0;
     try {

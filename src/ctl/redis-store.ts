@@ -1,7 +1,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Redis } from 'ioredis';
+import type { Redis } from 'ioredis';
 import { MODEL_FIELDS, type Hash, type HashStore, type HashWrite, type Plan } from '../lookup/admin.js';
 import type { ChangeEvent, ObjectKind } from '../lookup/source.js';
+import { describeEndpoint, openRedis, type RedisEndpoint } from '../lookup/redis-endpoint.js';
 
 /** Conflicting writers this many times in a row means something is badly wrong: stop. */
 const MAX_ATTEMPTS = 50;
@@ -10,6 +11,11 @@ const BATCH = 1000;
 /** SCAN MATCH is a glob: a prefix like `ms[1]:` must match itself, not a character class. */
 function globEscape(s: string): string {
   return s.replace(/[*?[\]\\]/g, (c) => `\\${c}`);
+}
+
+/** The endpoint for messages, never with a password. */
+function where(ep: RedisEndpoint): string {
+  return ep.url && !ep.sentinels ? ep.url.replace(/\/\/[^@/]*@/, '//') : describeEndpoint(ep);
 }
 
 /**
@@ -26,14 +32,14 @@ export class RedisHashStore implements HashStore {
   private constructor(
     private readonly redis: Redis,
     private readonly prefix: string,
-    url: string,
+    endpoint: RedisEndpoint,
   ) {
-    this.where = `${url.replace(/\/\/[^@/]*@/, '//')} (prefix ${prefix})`; // no password in messages
+    this.where = `${where(endpoint)} (prefix ${prefix})`;
   }
 
   /** Connects now, so that "Redis is down" is one clear error, not a hang per command. */
-  static async connect(url: string, prefix: string, timeoutMs = 3000): Promise<RedisHashStore> {
-    const redis = new Redis(url, {
+  static async connect(endpoint: RedisEndpoint, prefix: string, timeoutMs = 3000): Promise<RedisHashStore> {
+    const redis = openRedis(endpoint, {
       lazyConnect: true,
       connectTimeout: timeoutMs,
       commandTimeout: timeoutMs * 3,
@@ -42,6 +48,9 @@ export class RedisHashStore implements HashStore {
       // A CLI run is short: a lost connection fails the command (exit 1), it is not retried
       // behind the operator's back.
       retryStrategy: () => null,
+      // With Sentinel: a few rounds over the sentinels (one may be restarting), then exit 1.
+      sentinelRetryStrategy: (times: number) => (times > 3 ? null : 200),
+      failoverDetector: false,
     });
     let lastError: Error | undefined;
     redis.on('error', (e: Error) => (lastError = e));
@@ -49,9 +58,9 @@ export class RedisHashStore implements HashStore {
       await redis.connect();
     } catch (e) {
       redis.disconnect();
-      throw new Error(`cannot reach Redis at ${url.replace(/\/\/[^@/]*@/, '//')}: ${(lastError ?? (e as Error)).message}`);
+      throw new Error(`cannot reach Redis at ${where(endpoint)}: ${(lastError ?? (e as Error)).message}`);
     }
-    return new RedisHashStore(redis, prefix, url);
+    return new RedisHashStore(redis, prefix, endpoint);
   }
 
   private key(kind: ObjectKind, id: string): string {

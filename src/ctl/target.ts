@@ -2,6 +2,7 @@ import { ConfigError, loadConfig } from '../config.js';
 import { RouteAdmin } from '../lookup/admin.js';
 import { FileHashStore } from './file-store.js';
 import { RedisHashStore } from './redis-store.js';
+import type { RedisEndpoint } from '../lookup/redis-endpoint.js';
 import { runtimeError, usageError } from './errors.js';
 
 /** Where ctl writes: the options every command takes. */
@@ -26,7 +27,7 @@ export async function openTarget(o: TargetOptions, env: NodeJS.ProcessEnv): Prom
   const given = [o.config && '--config', o.redis && '--redis', o.file && '--file'].filter(Boolean);
   if (given.length > 1) throw usageError(`${given.join(' and ')} exclude each other; ${TARGET_HINT}`);
   if (o.prefix !== undefined && !o.redis) throw usageError('--prefix goes with --redis (with --config the prefix comes from the config)');
-  if (o.redis) return { admin: new RouteAdmin(await connect(o.redis, o.prefix ?? 'ms:')), defaultDomain: o.defaultDomain };
+  if (o.redis) return { admin: new RouteAdmin(await connect({ url: o.redis }, o.prefix ?? 'ms:')), defaultDomain: o.defaultDomain };
   if (o.file) return { admin: new RouteAdmin(new FileHashStore(o.file, o.defaultDomain)), defaultDomain: o.defaultDomain };
   const configFile = o.config ?? env.MAILSPLICE_CONFIG;
   if (!configFile) throw usageError(`no routes given: ${TARGET_HINT}`);
@@ -38,13 +39,13 @@ export async function openTarget(o: TargetOptions, env: NodeJS.ProcessEnv): Prom
     throw e;
   }
   const defaultDomain = o.defaultDomain ?? lookup.default_domain;
-  if (lookup.redis) return { admin: new RouteAdmin(await connect(lookup.redis.url, lookup.redis.prefix)), defaultDomain };
+  if (lookup.redis) return { admin: new RouteAdmin(await connect(lookup.redis, lookup.redis.prefix)), defaultDomain };
   return { admin: new RouteAdmin(new FileHashStore(lookup.file!, defaultDomain)), defaultDomain };
 }
 
-async function connect(url: string, prefix: string): Promise<RedisHashStore> {
+async function connect(endpoint: RedisEndpoint, prefix: string): Promise<RedisHashStore> {
   try {
-    return await RedisHashStore.connect(url, prefix);
+    return await RedisHashStore.connect(endpoint, prefix);
   } catch (e) {
     throw runtimeError((e as Error).message);
   }

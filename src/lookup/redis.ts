@@ -1,9 +1,11 @@
-import { Redis, ReplyError, type RedisOptions } from 'ioredis';
+import { ReplyError, type Redis, type RedisOptions } from 'ioredis';
 import { MalformedRecord, parseOrMalformed, parseSlot, parseStore, parseUser, type ObjectRecord } from './model.js';
+import { openRedis, type RedisEndpoint } from './redis-endpoint.js';
 import { parseEvent, type ChangeEvent, type ReadResult, type RouteRecords, type RouteSource } from './source.js';
 
 export interface RedisSourceOptions {
-  url: string;
+  /** One Redis URL, or Sentinel (the current master is asked of the sentinels on every connect). */
+  endpoint: RedisEndpoint;
   prefix: string;
   /** A lookup that takes longer than this fails as "unavailable" instead of hanging a login. */
   commandTimeoutMs: number;
@@ -74,7 +76,7 @@ export class RedisSource implements RouteSource {
 
   constructor(private readonly opts: RedisSourceOptions) {
     this.prefix = opts.prefix;
-    this.cmd = new Redis(opts.url, this.clientOptions());
+    this.cmd = openRedis(opts.endpoint, this.clientOptions());
     this.cmd.on('error', (e: Error) => opts.onError?.(e));
   }
 
@@ -132,7 +134,7 @@ export class RedisSource implements RouteSource {
     const channel = `${this.prefix}events`;
     // The subscriber keeps retrying forever (offline queue on), but we subscribe ourselves
     // on every 'ready' so that we know the moment events flow again and can resync.
-    const sub = new Redis(this.opts.url, {
+    const sub = openRedis(this.opts.endpoint, {
       ...this.clientOptions(),
       enableOfflineQueue: true,
       maxRetriesPerRequest: null,

@@ -1,6 +1,7 @@
-import { Redis } from 'ioredis';
+import type { Redis } from 'ioredis';
 import type { Logger } from '../log.js';
 import { failFastRedisOptions } from '../lookup/redis.js';
+import { openRedis, type RedisEndpoint } from '../lookup/redis-endpoint.js';
 import type { Sweep } from './sweep.js';
 
 // The failed-login throttle per client address, and the failure delay. Both are driven by
@@ -11,7 +12,7 @@ export interface ThrottleOptions {
   failuresPerWindow: number;
   windowMs: number;
   /** Count in this Redis (shared by every proxy on it); in this process when absent. */
-  redis?: { url: string; prefix: string; commandTimeoutMs: number };
+  redis?: { endpoint: RedisEndpoint; prefix: string; commandTimeoutMs: number };
   log: Logger;
 }
 
@@ -72,7 +73,7 @@ export class LoginThrottle {
     this.prefix = opts.redis?.prefix ?? '';
     if (opts.redis) {
       // A login never waits for Redis: while it is away the count is local.
-      const redis = new Redis(opts.redis.url, failFastRedisOptions(opts.redis.commandTimeoutMs));
+      const redis = openRedis(opts.redis.endpoint, failFastRedisOptions(opts.redis.commandTimeoutMs));
       // The lookup logs Redis' own errors; here only the switch to and from local counting.
       redis.on('error', () => this.redisDown());
       redis.defineCommand('throttleReserve', { numberOfKeys: 1, lua: RESERVE });
