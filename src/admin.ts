@@ -6,7 +6,7 @@ import { readAdminToken } from './preflight.js';
 /** What the admin endpoints read from the running proxy. */
 export interface AdminSources {
   metrics(): Promise<{ contentType: string; text: string }>;
-  health(): { live: boolean; body: Record<string, unknown> };
+  health(): Promise<{ live: boolean; body: Record<string, unknown> }>;
 }
 
 /**
@@ -31,10 +31,7 @@ export async function startAdmin(cfg: NonNullable<Config['admin']>, sources: Adm
       return;
     }
     if (path === '/metrics') void serveMetrics(res, sources);
-    else {
-      const { live, body } = sources.health();
-      res.writeHead(live ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify(body));
-    }
+    else void serveHealth(res, sources);
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -54,6 +51,15 @@ async function serveMetrics(res: ServerResponse, sources: AdminSources): Promise
     res.writeHead(200, { 'content-type': contentType }).end(text);
   } catch (e) {
     res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics failed: ${(e as Error).message}\n`);
+  }
+}
+
+async function serveHealth(res: ServerResponse, sources: AdminSources): Promise<void> {
+  try {
+    const { live, body } = await sources.health();
+    res.writeHead(live ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+  } catch (e) {
+    res.writeHead(503, { 'content-type': 'application/json' }).end(JSON.stringify({ error: (e as Error).message }));
   }
 }
 

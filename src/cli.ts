@@ -1,8 +1,9 @@
 #!/usr/bin/env node
+import cluster from 'node:cluster';
 import { readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig, type Config } from './config.js';
+import { ConfigError, loadConfig, workerCount, type Config } from './config.js';
 import { createLogger } from './log.js';
 import { preflight, readAdminToken } from './preflight.js';
 
@@ -53,15 +54,23 @@ function loadChecked(file: string, warn: (w: string) => void): Config {
 }
 
 async function serve(argv: string[]): Promise<void> {
+  if (cluster.isWorker) return serveWorker();
   const file = configArg('serve', argv);
   if (file === undefined) return;
   const warnings: string[] = [];
   const cfg = loadChecked(file, (w) => warnings.push(w));
   const log = createLogger(cfg.log.level);
   for (const w of warnings) log.warn('unsafe setting', { setting: w });
+  const workers = workerCount(cfg.workers);
   // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
-  const { startServer } = await import('./server.js');
-  const server = await startServer(cfg, log);
+  let server: { reload(): void; close(): Promise<void> };
+  if (workers > 1) {
+    const { startPrimary } = await import('./cluster/primary.js');
+    server = await startPrimary(cfg, log, workers);
+  } else {
+    const { startServer } = await import('./server.js');
+    server = await startServer(cfg, log);
+  }
   process.on('SIGHUP', () => server.reload());
   let stopping = false;
   const stop = (signal: string) => {
@@ -75,7 +84,16 @@ async function serve(argv: string[]): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  log.info('mailsplice started', { config: file, version: version(), lookup: cfg.lookup.redis ? 'redis' : 'file' });
+  log.info('mailsplice started', { config: file, version: version(), lookup: cfg.lookup.redis ? 'redis' : 'file', workers });
+}
+
+/** A worker forked by the primary: the primary's config, its own listeners and sessions. */
+async function serveWorker(): Promise<void> {
+  const { runWorker, workerConfig, workerIndex, withFields } = await import('./cluster/worker.js');
+  const { startServer } = await import('./server.js');
+  const cfg = workerConfig();
+  const log = withFields(createLogger(cfg.log.level), { worker: workerIndex() });
+  await runWorker(cfg, log, (asks) => startServer(cfg, log, { worker: asks }));
 }
 
 async function healthcheck(argv: string[]): Promise<void> {

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
@@ -170,8 +171,17 @@ const ldapAuth = z
     }
   });
 
+/**
+ * How many processes serve the listeners: `auto` is one per CPU the process may use
+ * (os.availableParallelism()). With 1 the proxy runs in one process as it always did; with
+ * more, a primary process (admin listener, no sessions) forks that many workers that share
+ * the listening sockets (src/cluster/).
+ */
+const workers = z.union([z.literal('auto'), z.number().int().min(1).max(256)]).default('auto');
+
 const sections = z.strictObject({
   listeners: z.array(listener).min(1),
+  workers,
   lookup: z
     .strictObject({
       /** The embedded default: routes from a YAML file, watched for changes. */
@@ -427,4 +437,9 @@ export function loadConfig(file: string): Config {
 /** Whether a listener accepts cleartext credentials before TLS. */
 export function plaintextAllowed(l: ListenerConfig): boolean {
   return l.plaintext_auth ?? (l.tls === 'none' && isLoopback(l.address));
+}
+
+/** The number of processes `workers` means on this machine. */
+export function workerCount(workers: Config['workers']): number {
+  return workers === 'auto' ? availableParallelism() : workers;
 }

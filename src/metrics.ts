@@ -1,4 +1,4 @@
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics, type Aggregator } from 'prom-client';
 import type { ProxyContext } from './proxy/core.js';
 import { spliceTotals } from './proxy/splice.js';
 import { registerLmtpMetrics } from './lmtp/metrics.js';
@@ -39,11 +39,14 @@ export function createMetrics(ctx: ProxyContext): Registry {
       }
     },
   });
-  const simple = (name: string, help: string, read: () => number, kind: 'counter' | 'gauge' = 'counter') => {
+  // `aggregator`: how the primary of a multi-process instance merges the workers' values
+  // (src/cluster/instance.ts); the default is their sum.
+  const simple = (name: string, help: string, read: () => number, kind: 'counter' | 'gauge' = 'counter', aggregator: Aggregator = 'sum') => {
     const Metric = kind === 'counter' ? Counter : Gauge;
     new Metric({
       name,
       help,
+      aggregator,
       registers: [registry],
       collect(this: Counter | Gauge) {
         this.reset();
@@ -58,11 +61,12 @@ export function createMetrics(ctx: ProxyContext): Registry {
   simple('mailsplice_route_cache_misses_total', 'Logins that read the lookup source', () => stats.cacheMisses);
   simple('mailsplice_route_events_total', 'Change events applied', () => stats.events);
   simple('mailsplice_route_resyncs_total', 'Full resyncs after the event stream was lost', () => stats.resyncs);
-  simple('mailsplice_route_events_live', '1 while change events are flowing', () => (stats.live ? 1 : 0), 'gauge');
+  // With workers: 1 only while every worker's events flow.
+  simple('mailsplice_route_events_live', '1 while change events are flowing', () => (stats.live ? 1 : 0), 'gauge', 'min');
   simple('mailsplice_route_resync_failures_total', 'Resyncs that did not complete (source unreachable, or it looked emptied)', () => stats.resyncFailures);
   simple('mailsplice_route_mass_removals_refused_total', 'Resyncs not believed because most known routes had vanished (an emptied Redis)', () => stats.massRemovalsRefused);
   simple('mailsplice_route_older_epochs_ignored_total', 'Store changes ignored because their epoch was lower than the one known', () => stats.olderEpochsIgnored);
-  simple('mailsplice_route_records_malformed', 'Route records that do not parse (each counts as locked)', () => stats.malformed, 'gauge');
+  simple('mailsplice_route_records_malformed', 'Route records that do not parse (each counts as locked)', () => stats.malformed, 'gauge', 'max');
   simple('mailsplice_sessions_ended_by_events_total', 'Sessions ended because an event changed their route (a login whose route changed while it ran counts too)', () => ctx.registry.endedByEvents);
   simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
   simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);

@@ -1,5 +1,7 @@
 import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from './admin.js';
+import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
+import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.js';
 import type { Config } from './config.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
@@ -27,6 +29,16 @@ export interface RunningServer {
   proxies: ProxyListener[];
   lmtp: LmtpListener[];
   admin: HttpServer | undefined;
+  /**
+   * Where this process registers what it answers to the admin side (askWorkers): in-process
+   * with one process, the primary's questions in a worker.
+   */
+  asks: Answerer;
+  /**
+   * The whole instance's view (askWorkers), when this process is the whole instance (one
+   * process: answered by its own handlers); undefined in a worker, where the primary asks.
+   */
+  asker: Asker | undefined;
   /** With a Redis lookup: the state of its current outage, if any. */
   lookupOutage: OutageLog | undefined;
   /** SIGHUP: certificates and the routes file are read again; no session is dropped. */
@@ -58,7 +70,16 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
   return new FileSource(cfg.lookup.file!, cfg.lookup.default_domain, onError);
 }
 
-export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level)): Promise<RunningServer> {
+export interface ServerRole {
+  /**
+   * In a cluster worker: the primary's questions are answered through this, and the admin
+   * listener is the primary's. Absent: this process is the whole instance and serves admin
+   * itself, asking its own handlers.
+   */
+  worker?: Answerer;
+}
+
+export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level), role: ServerRole = {}): Promise<RunningServer> {
   // Secret files are read now: a missing one stops the start, not the first login.
   loadIdentities(cfg.backend);
   const passwords = cfg.auth.ldap ? new LdapPasswordChecker(cfg.auth.ldap, log) : undefined;
@@ -110,6 +131,8 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   const lookupTimeout = cfg.lookup.redis?.command_timeout_ms ?? 0;
   if (!(await source.ready(lookupTimeout))) log.warn('lookup not reachable at start; logins get UNAVAILABLE until it is', { waited_ms: lookupTimeout });
 
+  const local = role.worker ? undefined : new LocalAsks();
+  const asks: Answerer = role.worker ?? local!;
   const proxies: ProxyListener[] = [];
   const lmtp: LmtpListener[] = [];
   let admin: HttpServer | undefined;
@@ -146,12 +169,11 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
       log.info('listening', { protocol: l.protocol, address: l.address, port: p.address().port, tls: l.tls });
     }
     if (cfg.admin) {
-      const metrics = createMetrics(ctx);
-      admin = await startAdmin(cfg.admin, {
-        metrics: async () => ({ contentType: metrics.contentType, text: await metrics.metrics() }),
-        health: () => ({ live: router.stats.live, body: { lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size } }),
-      });
-      log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
+      answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
+      if (local) {
+        admin = await startAdmin(cfg.admin, instanceAdminSources(local));
+        log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
+      }
     }
   } catch (e) {
     await close();
@@ -164,6 +186,8 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     proxies,
     lmtp,
     admin,
+    asks,
+    asker: local,
     lookupOutage: lookupLog.outage,
     reload() {
       for (const p of proxies) {

@@ -1,3 +1,4 @@
+import cluster from 'node:cluster';
 import { chmodSync, chownSync, lstatSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Config, ListenerConfig } from '../config.js';
@@ -128,7 +129,8 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
       ctx.log.info('listening', { protocol: 'lmtp', address: l.address, port: typeof a === 'object' && a ? a.port : l.port, tls: l.tls });
     }
     if (l.path !== undefined) {
-      removeStaleSocket(l.path);
+      // With workers the primary removed it before forking them: here it would be the live one.
+      if (!cluster.isWorker) removeStaleSocket(l.path);
       await listen(make(), { path: l.path });
       // Whoever can connect can deliver as anyone: the socket is for the MTA's user only
       // (socket_group: postfix, mode 0660), never for every local user (0666).
@@ -167,7 +169,7 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
 }
 
 /** A socket file left by a previous run would make listen() fail with EADDRINUSE. */
-function removeStaleSocket(path: string): void {
+export function removeStaleSocket(path: string): void {
   try {
     if (lstatSync(path).isSocket()) unlinkSync(path);
   } catch (e) {

@@ -46,6 +46,8 @@ export async function startProxyProcess(extra: Record<string, unknown>, opts: Pr
     stringify({
       listeners,
       log: { level: 'info' },
+      // One process unless a test asks for workers: most suites test what one process does.
+      workers: 1,
       ...(adminPort !== undefined ? { admin: { address: '127.0.0.1', port: adminPort } } : {}),
       ...extra,
     }),

@@ -1,0 +1,160 @@
+import cluster, { type Worker } from 'node:cluster';
+import type { Server as HttpServer } from 'node:http';
+import { startAdmin } from '../admin.js';
+import type { Config } from '../config.js';
+import { removeStaleSocket } from '../lmtp/server.js';
+import type { Logger } from '../log.js';
+import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
+import { instanceAdminSources, primaryProcessRegistry } from './instance.js';
+import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
+
+/** A worker that ran at least this long before it died is restarted at once. */
+const STABLE_MS = 10_000;
+/** Quick deaths in a row wait 0.5 s, 1 s, 2 s ... up to this before the next start. */
+const MAX_RESTART_DELAY_MS = 30_000;
+
+export interface RunningPrimary {
+  readonly asker: Asker;
+  readonly admin: HttpServer | undefined;
+  /** The worker slots (number, process while ready), for tests and logs. */
+  readonly slots: readonly WorkerSlot[];
+  /** SIGHUP: every ready worker reloads. */
+  reload(): void;
+  /** SIGTERM: every worker runs its close() (BYE to everyone, LMTP transactions finish), then the admin listener closes. */
+  close(): Promise<void>;
+}
+
+interface SlotLife extends WorkerSlot {
+  startedAt: number;
+  quickDeaths: number;
+  restartTimer: NodeJS.Timeout | undefined;
+}
+
+/**
+ * The primary of a multi-process instance. It forks `n` workers that share the listening
+ * sockets (node:cluster), holds no session and no lookup, serves the admin listener for the
+ * whole instance (answers gathered from every worker with askWorkers), restarts a worker that
+ * dies (with a growing delay while they keep dying at once), and passes SIGHUP and SIGTERM on.
+ *
+ * Resolves once every worker is listening; rejects with the first worker's start error (a
+ * port taken, a certificate that does not load) after stopping the others.
+ */
+export async function startPrimary(cfg: Config, log: Logger, n: number): Promise<RunningPrimary> {
+  // Structured clone rather than JSON on the IPC channel: answers keep Maps, undefined, Dates.
+  cluster.setupPrimary({ serialization: 'advanced' });
+  // A stale LMTP socket file is removed once, here: a worker removing it would remove the live one.
+  for (const l of cfg.listeners) if (l.protocol === 'lmtp' && l.path !== undefined) removeStaleSocket(l.path);
+
+  const slots: SlotLife[] = Array.from({ length: n }, (_, i) => ({ index: i + 1, worker: undefined, state: 'starting', startedAt: 0, quickDeaths: 0, restartTimer: undefined }));
+  const asks = new PrimaryAsks(slots);
+  const bySlot = new Map<Worker, SlotLife>();
+  const configJson = JSON.stringify(cfg);
+  let stopping = false;
+  let started = false;
+  let failStart: ((e: Error) => void) | undefined;
+  let readyCount = 0;
+  let allReady: (() => void) | undefined;
+
+  const fork = (slot: SlotLife) => {
+    slot.restartTimer = undefined;
+    slot.state = 'starting';
+    slot.startedAt = Date.now();
+    const w = cluster.fork({ [WORKER_ENV]: String(slot.index), [WORKER_CONFIG_ENV]: configJson });
+    bySlot.set(w, slot);
+    w.on('message', (raw: unknown) => {
+      const m = toPrimary(raw);
+      if (!m) return;
+      if (m.ms === 'answer') asks.answered(w, m);
+      else if (m.ms === 'ready') {
+        slot.worker = w;
+        slot.state = 'ready';
+        log.info('worker started', { worker: slot.index, pid: w.process.pid });
+        if (!started && ++readyCount === n) allReady?.();
+      } else if (m.ms === 'failed') {
+        slot.state = `failed to start: ${m.error}`;
+        if (!started) failStart?.(new Error(m.error));
+        else log.error('worker failed to start', { worker: slot.index, pid: w.process.pid, error: m.error });
+      }
+    });
+    w.on('exit', (code: number | null, signal: string | null) => {
+      bySlot.delete(w);
+      const how = signal ? `killed by ${signal}` : `exited with ${code}`;
+      asks.exited(w, `worker ${how}`);
+      if (slot.worker === w) slot.worker = undefined;
+      if (stopping) {
+        slot.state = 'stopped';
+        return;
+      }
+      if (!started) {
+        failStart?.(new Error(slot.state.startsWith('failed to start: ') ? slot.state.slice('failed to start: '.length) : `worker ${slot.index} ${how} while starting`));
+        return;
+      }
+      const lived = Date.now() - slot.startedAt;
+      slot.quickDeaths = lived >= STABLE_MS ? 0 : slot.quickDeaths + 1;
+      const delay = slot.quickDeaths === 0 ? 0 : Math.min(MAX_RESTART_DELAY_MS, 250 * 2 ** slot.quickDeaths);
+      slot.state = `restarting (${how})`;
+      log.error('worker died; restarting it', { worker: slot.index, pid: w.process.pid, how, lived_ms: lived, restart_in_ms: delay });
+      slot.restartTimer = setTimeout(() => fork(slot), delay);
+    });
+  };
+
+  let admin: HttpServer | undefined;
+  const stopWorkers = async () => {
+    stopping = true;
+    for (const s of slots) {
+      if (s.restartTimer) clearTimeout(s.restartTimer);
+      s.restartTimer = undefined;
+    }
+    const live = [...bySlot.keys()].filter((w) => !w.isDead());
+    const exits = live.map((w) => new Promise<void>((res) => (w.isDead() ? res() : w.once('exit', () => res()))));
+    const msg: ToWorker = { ms: 'close' };
+    for (const w of live) {
+      try {
+        if (w.isConnected()) w.send(msg);
+        else w.kill('SIGTERM');
+      } catch {
+        w.kill('SIGTERM');
+      }
+    }
+    // An LMTP transaction under way may take up to lmtp.timeout_ms to finish; past that a
+    // worker that still has not exited is stuck, and is killed rather than waited for.
+    const limit = setTimeout(() => {
+      for (const w of live) if (!w.isDead()) w.process.kill('SIGKILL');
+    }, cfg.lmtp.timeout_ms + 10_000);
+    await Promise.all(exits);
+    clearTimeout(limit);
+  };
+
+  try {
+    if (cfg.admin) {
+      admin = await startAdmin(cfg.admin, instanceAdminSources(asks, primaryProcessRegistry()));
+      log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
+    }
+    await new Promise<void>((resolve, reject) => {
+      allReady = resolve;
+      failStart = reject;
+      for (const s of slots) fork(s);
+    });
+    started = true;
+  } catch (e) {
+    await stopWorkers();
+    admin?.close();
+    throw e;
+  }
+  log.info('workers started', { workers: n, scheduling: cluster.schedulingPolicy === cluster.SCHED_RR ? 'round-robin' : 'kernel' });
+
+  return {
+    asker: asks,
+    admin,
+    slots,
+    reload() {
+      const msg: ToWorker = { ms: 'reload' };
+      for (const s of slots) if (s.worker?.isConnected()) s.worker.send(msg);
+      log.info('reload sent to workers', { workers: slots.filter((s) => s.worker).length });
+    },
+    async close() {
+      await stopWorkers();
+      admin?.close();
+    },
+  };
+}
