@@ -9,7 +9,8 @@ import { tempDir } from './support/tmp.js';
 
 // Bulk data through the splice must arrive byte for byte, whatever the pace of the client:
 // fast readers and slow ones (which make writes queue up, the case where the shared read
-// buffer is handed over to a pending write) at the same time.
+// buffer is handed over to a pending write) at the same time. IMAP and POP3 both read their
+// backends into the shared landing buffer (src/proxy/read-buffer.ts).
 
 let world: World;
 let proxy: TestProxy;
@@ -19,7 +20,7 @@ beforeAll(async () => {
   const dir = tempDir('splice');
   const routesFile = join(dir, 'routes.yaml');
   writeRoutesFile(routesFile, worldRoutes(world));
-  proxy = await startProxy({ listeners: [{ protocol: 'imap' }], lookup: { file: routesFile } });
+  proxy = await startProxy({ listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }], lookup: { file: routesFile } });
   // 4 MiB of lines that differ from each other, so any reordering or reuse shows.
   const lines: string[] = ['From: bulk@example.net', 'Subject: bulk', ''];
   for (let i = 0, size = 0; size < 4 * 1024 * 1024; i++) {
@@ -28,6 +29,8 @@ beforeAll(async () => {
     size += line.length + 2;
   }
   await world.slotA.deliver('alice@example.com', lines.join('\r\n') + '\r\n', 'Bulk');
+  // POP3 RETR of the same kind of message (with lines a dot starts, which RETR stuffs).
+  await world.slotA.deliver('carol@example.com', lines.map((l, i) => (i % 7 === 3 ? `.${l}` : l)).join('\r\n') + '\r\n');
 });
 
 afterAll(async () => {
@@ -88,6 +91,54 @@ function fetchBodies(host: string, port: number, times: number, slow: boolean): 
   });
 }
 
+/** RETRs message 1 `times` times on one POP3 session; returns the sha256 of each whole answer. */
+function retrBodies(host: string, port: number, times: number, slow: boolean): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    const sock = connect({ host, port });
+    let buf = Buffer.alloc(0);
+    let stage = 0;
+    const hashes: string[] = [];
+    const send = (s: string) => sock.write(`${s}\r\n`);
+    const check = () => {
+      for (;;) {
+        const nl = buf.indexOf('\r\n');
+        if (stage < 3 && nl < 0) return;
+        if (stage < 3 && !buf.subarray(0, 3).equals(Buffer.from('+OK'))) return reject(new Error(`POP3: ${buf.subarray(0, nl).toString('latin1')}`));
+        if (stage === 0) {
+          send('USER carol@example.com');
+        } else if (stage === 1) {
+          send('PASS carolpw');
+        } else if (stage === 2) {
+          send('RETR 1');
+        } else {
+          const end = buf.indexOf('\r\n.\r\n');
+          if (end < 0) return;
+          hashes.push(createHash('sha256').update(buf.subarray(0, end + 5)).digest('hex'));
+          buf = buf.subarray(end + 5);
+          if (hashes.length === times) {
+            sock.destroy();
+            return resolve(hashes);
+          }
+          send('RETR 1');
+          continue;
+        }
+        buf = buf.subarray(nl + 2);
+        stage++;
+      }
+    };
+    sock.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      if (slow) {
+        sock.pause();
+        setTimeout(() => sock.resume(), 2);
+      }
+      check();
+    });
+    sock.on('error', reject);
+    setTimeout(() => reject(new Error(`timed out after ${hashes.length} RETRs`)), 90_000).unref();
+  });
+}
+
 describe('splice', () => {
   it('delivers bulk data intact to fast and slow readers at once', async () => {
     const [reference] = await fetchBodies(world.slotA.host, world.slotA.imap, 1, false);
@@ -98,5 +149,16 @@ describe('splice', () => {
       fetchBodies('127.0.0.1', proxy.ports.imap!, 2, true),
     ]);
     for (const hashes of results) for (const h of hashes) expect(h).toBe(reference);
+  });
+
+  it('delivers POP3 RETR intact to fast and slow readers, beside IMAP FETCHes', async () => {
+    const [reference] = await retrBodies(world.slotA.host, world.slotA.pop3, 1, false);
+    const [imapReference] = await fetchBodies(world.slotA.host, world.slotA.imap, 1, false);
+    const [pop3, imap] = await Promise.all([
+      Promise.all([retrBodies('127.0.0.1', proxy.ports.pop3!, 3, false), retrBodies('127.0.0.1', proxy.ports.pop3!, 2, true)]),
+      Promise.all([fetchBodies('127.0.0.1', proxy.ports.imap!, 2, true), fetchBodies('127.0.0.1', proxy.ports.imap!, 2, false)]),
+    ]);
+    for (const hashes of pop3) for (const h of hashes) expect(h).toBe(reference);
+    for (const hashes of imap) for (const h of hashes) expect(h).toBe(imapReference);
   });
 });

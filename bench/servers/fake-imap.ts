@@ -1,6 +1,6 @@
 // A tiny IMAP backend for the memory and failover scenarios: it greets with capabilities,
-// accepts any LOGIN or AUTHENTICATE PLAIN, answers CAPABILITY/NOOP/LOGOUT/ID and otherwise
-// just holds the connection. A proxy's memory per idle session does not depend on what the
+// accepts any LOGIN or AUTHENTICATE PLAIN, answers CAPABILITY/NOOP/LOGOUT/ID, any FETCH with
+// one 1 MiB message (bench/tools/fetch-cpu.ts) and otherwise just holds the connection. A proxy's memory per idle session does not depend on what the
 // backend is; this one holds ten thousand sessions in one process, which Dovecot (a process
 // per session) could not on this machine.
 //
@@ -58,6 +58,18 @@ function serve(sock: net.Socket): void {
   });
 }
 
+/** `FETCH ...` answers one 1 MiB message (CRLF lines of 78 bytes), for the splice's CPU per byte. */
+const MESSAGE_BYTES = 1 << 20;
+const fetchAnswer = (() => {
+  const line = Buffer.from(`${'0123456789abcdefghijklmnopqrstuvwxyz'.repeat(3).slice(0, 76)}\r\n`, 'latin1');
+  const head = Buffer.from(`* 1 FETCH (BODY[] {${MESSAGE_BYTES}}\r\n`, 'latin1');
+  const b = Buffer.alloc(head.length + MESSAGE_BYTES + 3, 'x');
+  head.copy(b, 0);
+  for (let o = head.length; o + line.length <= head.length + MESSAGE_BYTES; o += line.length) line.copy(b, o);
+  b.write(')\r\n', head.length + MESSAGE_BYTES, 'latin1');
+  return b;
+})();
+
 function answer(sock: net.Socket, command: string): void {
   const [tag = '*', name = ''] = command.split(' ', 2);
   switch (name.toUpperCase()) {
@@ -70,6 +82,11 @@ function answer(sock: net.Socket, command: string): void {
       return;
     case 'ID':
       sock.write(`* ID NIL\r\n${tag} OK done\r\n`);
+      return;
+    case 'FETCH':
+      // The FETCH scenario's message, in one write as a server with it in memory would.
+      sock.write(fetchAnswer);
+      sock.write(`${tag} OK done\r\n`);
       return;
     case 'LOGOUT':
       sock.end(`* BYE bye\r\n${tag} OK done\r\n`);

@@ -3,6 +3,7 @@ import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createSecureContext, type ConnectionOptions, type SecureContext, type TLSSocket } from 'node:tls';
 import type { BackendProtocol, BackendTlsConfig, Config } from '../config.js';
 import type { LineReader } from './lines.js';
+import { landingReads, markLanding } from './read-buffer.js';
 
 /** Why a backend login did not happen; the front ends map it to their protocol's words. */
 export class BackendRefused extends Error {
@@ -60,6 +61,11 @@ export function asBackendRefused(e: unknown): BackendRefused {
 export interface BackendOptions {
   connectTimeoutMs: number;
   tls: BackendTlsConfig;
+  /**
+   * Read into the shared landing buffer (read-buffer.ts) when the connection stays plain
+   * TCP: the IMAP/POP3 splice's bulk path. Not for STARTTLS (TLS takes the socket over).
+   */
+  landing?: boolean;
 }
 
 /**
@@ -131,7 +137,10 @@ export function openBackend(host: string, port: number, opts: BackendOptions): P
     const implicit = opts.tls.mode === 'implicit';
     const sock: Socket = implicit
       ? tlsConnect({ host, port, ...tlsOptions(host, opts.tls) })
-      : netConnect({ host, port, allowHalfOpen: true, noDelay: true });
+      : opts.landing && opts.tls.mode === 'none'
+        ? netConnect({ host, port, allowHalfOpen: true, noDelay: true, onread: landingReads })
+        : netConnect({ host, port, allowHalfOpen: true, noDelay: true });
+    if (opts.landing && opts.tls.mode === 'none') markLanding(sock);
     const timer = setTimeout(() => {
       sock.destroy();
       reject(new BackendRefused('unavailable', `backend ${host}:${port} did not answer in ${opts.connectTimeoutMs} ms`));

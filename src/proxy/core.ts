@@ -304,7 +304,7 @@ export abstract class PreauthConnection implements Expiring {
     let result: T;
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
-      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls });
+      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true });
       this.backendSocket = sock;
       if (this.ctx.ownListeners.reaches(sock)) {
         this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });

@@ -3,6 +3,7 @@ import type { Protocol, Route } from '../lookup/model.js';
 import type { Logger } from '../log.js';
 import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from './imap-commands.js';
 import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from './imap-framing.js';
+import { outgoing, outgoingWritten, readsLanding, setReadSink, type ReadSink } from './read-buffer.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
 import type { Expiring, Sweep } from './sweep.js';
 
@@ -62,7 +63,7 @@ function onBackendClose(this: Socket): void {
  * the server's response framing (three numbers, see imap-framing.ts) so that an event's BYE
  * goes only between two responses.
  */
-export class SplicedSession implements LiveSession, FramingState, Expiring {
+export class SplicedSession implements LiveSession, FramingState, Expiring, ReadSink {
   /** Framing of the backend-to-client stream (IMAP only): literal bytes still to come. */
   litLeft = 0;
   /** Framing: how the current response line ends so far. */
@@ -102,6 +103,9 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
     (client as SplicedSocket)[kSession] = this;
     (backend as SplicedSocket)[kSession] = this;
     client.on('data', onClientData).on('drain', onClientDrain).on('end', onClientEnd).on('error', onFailure).on('close', onFailure);
+    // A plain backend socket reads into the shared landing buffer (read-buffer.ts) and hands
+    // each read to `landed`; others (TLS) emit 'data' as usual.
+    if (readsLanding(backend)) setReadSink(backend, this);
     backend.on('data', onBackendData).on('drain', onBackendDrain).on('end', onBackendEnd).on('error', onFailure).on('close', onBackendClose);
     this.env.registry.add(this);
     if (this.farewell) initialFraming(this);
@@ -130,13 +134,33 @@ export class SplicedSession implements LiveSession, FramingState, Expiring {
   }
 
   fromBackend(c: Buffer): void {
-    if (this.closed) return;
+    if (!this.toClient(c)) this.backend.pause();
+  }
+
+  /**
+   * A read from the backend in the shared landing buffer: forwarded as a copy (see
+   * read-buffer.ts: nothing may point into the landing buffer once this returns). False
+   * stops the backend's reads until the client drains (onClientDrain resumes them).
+   */
+  landed(landing: Buffer, n: number): boolean {
+    if (this.closed) return false;
+    const out = outgoing();
+    landing.copy(out, 0, 0, n);
+    const more = this.toClient(n === out.length ? out : out.subarray(0, n));
+    outgoingWritten(this.client);
+    return more;
+  }
+
+  /** Server bytes on to the client, through the trackers; false when the client's buffer is full. */
+  private toClient(c: Buffer): boolean {
+    if (this.closed) return true;
     spliceTotals.backendToClient += c.length;
     const t = this.commands;
     if (t && t.wait !== Wait.NONE) watchAnswers(t, this, c);
     else if (this.farewell && !t?.compressed) trackFraming(this, c);
-    if (!this.client.write(c)) this.backend.pause();
+    const more = this.client.write(c);
     if (t && t.wait === Wait.NONE && this.held) this.release();
+    return more;
   }
 
   /** The client tracker stopped inside `c`: a refused command, or the client must wait for the server. */
