@@ -129,6 +129,12 @@ const identityGroup = z
     /** authzid: SASL PLAIN with authzid = user (Cyrus proxyservers, Dovecot); separator: LOGIN as user<separator>admin (Dovecot). */
     master_login_form: z.enum(['authzid', 'separator']).default('authzid'),
     master_separator: z.string().min(1).max(8).default('*'),
+    /**
+     * OAUTHBEARER/XOAUTH2 logins (auth.oauth): passthrough hands the token to the backend,
+     * which checks it (Dovecot's oauth2 passdb); check verifies it here (auth.oauth
+     * introspection or jwt) and logs in as admin_user for the user.
+     */
+    oauth: z.enum(['passthrough', 'check']).default('passthrough'),
   })
   .superRefine((g, ctx) => {
     if ((g.admin_user === undefined) !== (g.admin_password_file === undefined)) {
@@ -136,6 +142,9 @@ const identityGroup = z
     }
     if (g.identity === 'admin' && g.admin_user === undefined) {
       ctx.addIssue({ code: 'custom', path: ['admin_user'], message: 'identity: admin needs admin_user and admin_password_file' });
+    }
+    if (g.oauth === 'check' && g.admin_user === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['admin_user'], message: 'oauth: check needs admin_user and admin_password_file (the proxy logs in as it for the token\'s user)' });
     }
   });
 
@@ -178,6 +187,54 @@ const ldapAuth = z
  * the listening sockets (src/cluster/).
  */
 const workers = z.union([z.literal('auto'), z.number().int().min(1).max(256)]).default('auto');
+
+/**
+ * OAuth 2.0 bearer tokens (OAUTHBEARER, RFC 7628; XOAUTH2). With this section the
+ * mechanisms are offered; each slot group's `oauth` says whether its backend checks the
+ * token (passthrough) or the proxy does (check: `introspection` or `jwt` below).
+ */
+const oauthAuth = z
+  .strictObject({
+    mechanisms: z.array(z.enum(['OAUTHBEARER', 'XOAUTH2'])).min(1).default(['OAUTHBEARER', 'XOAUTH2']),
+    /** The claim (JWT) or introspection field that names the login; it must equal the login the client gave. */
+    username_claim: z.string().min(1).default('email'),
+    /** When set, a token's `iss` must equal it. */
+    issuer: z.string().min(1).optional(),
+    /** When set, a token's `aud` (a string or a list) must contain it. */
+    audience: z.string().min(1).optional(),
+    /** RFC 7662 token introspection. */
+    introspection: z
+      .strictObject({
+        url: z.string().regex(/^https?:\/\/[^/]/, 'an http:// or https:// URL'),
+        /** Client authentication at the endpoint (HTTP Basic), both or neither. */
+        client_id: z.string().min(1).optional(),
+        client_secret_file: z.string().optional(),
+      })
+      .refine((i) => (i.client_id === undefined) === (i.client_secret_file === undefined), { path: ['client_secret_file'], message: 'client_id and client_secret_file go together' })
+      .optional(),
+    /** Signed JWT access tokens, checked against a JWKS (a file, or a URL fetched and refreshed). */
+    jwt: z
+      .strictObject({
+        jwks_file: z.string().optional(),
+        jwks_url: z.string().regex(/^https?:\/\/[^/]/, 'an http:// or https:// URL').optional(),
+        /** How long a fetched JWKS is used before it is fetched again (an unknown key id fetches it sooner, at most once a minute). */
+        jwks_refresh_ms: z.number().int().min(60_000).default(3_600_000),
+        algorithms: z.array(z.enum(['RS256', 'ES256'])).min(1).default(['RS256', 'ES256']),
+        /** Leeway for exp and nbf. */
+        clock_skew_s: z.number().int().min(0).max(600).default(30),
+      })
+      .refine((j) => (j.jwks_file === undefined) !== (j.jwks_url === undefined), { message: 'set exactly one of jwks_file or jwks_url' })
+      .optional(),
+    /** Each introspection or JWKS request. */
+    timeout_ms: z.number().int().positive().default(3000),
+    /** A good token's verdict is kept this long (never past its exp), for at most cache_entries tokens. */
+    cache_ttl_ms: z.number().int().nonnegative().default(60_000),
+    cache_entries: z.number().int().nonnegative().default(10_000),
+    /** Told to a client whose token was refused (RFC 7628 error status). */
+    scope: z.string().optional(),
+    openid_configuration: z.string().optional(),
+  })
+  .refine((o) => !(o.introspection && o.jwt), { message: 'set introspection or jwt, not both' });
 
 const sections = z.strictObject({
   listeners: z.array(listener).min(1),
@@ -280,7 +337,7 @@ const sections = z.strictObject({
       forward_client_ip: z.boolean().default(true),
     })
     .prefault({}),
-  auth: z.strictObject({ ldap: ldapAuth.optional() }).prefault({}),
+  auth: z.strictObject({ ldap: ldapAuth.optional(), oauth: oauthAuth.optional() }).prefault({}),
   lmtp: z
     .strictObject({
       hostname: z.string().default('mailsplice'),
@@ -350,6 +407,10 @@ function crossChecks(cfg: z.infer<typeof sections>, ctx: z.RefinementCtx): void 
     if (g.identity === 'admin' && !cfg.auth.ldap) {
       ctx.addIssue({ code: 'custom', path: ['backend', 'identity_groups', i, 'identity'], message: 'identity: admin needs a password checker at the proxy (auth.ldap)' });
     }
+    // Likewise a token: the admin logs in for whoever the token names, so it must be checked here.
+    if (g.oauth === 'check' && !cfg.auth.oauth?.introspection && !cfg.auth.oauth?.jwt) {
+      ctx.addIssue({ code: 'custom', path: ['backend', 'identity_groups', i, 'oauth'], message: 'oauth: check needs auth.oauth.introspection or auth.oauth.jwt' });
+    }
   });
   const paths = new Map<string, number>();
   cfg.listeners.forEach((l, i) => {
@@ -375,6 +436,7 @@ export type ListenerConfig = Config['listeners'][number];
 export type BackendTlsConfig = Pick<Config['backend']['tls'], 'mode' | 'ca' | 'servername' | 'verify'>;
 export type IdentityGroupConfig = Config['backend']['identity_groups'][number];
 export type RedisLookupConfig = NonNullable<Config['lookup']['redis']>;
+export type OauthConfig = NonNullable<Config['auth']['oauth']>;
 
 export class ConfigError extends Error {}
 
@@ -411,6 +473,11 @@ export function parseConfig(doc: unknown, source: string, baseDir = '.'): Config
   }
   for (const g of cfg.backend.identity_groups) g.admin_password_file = abs(g.admin_password_file);
   if (cfg.lmtp.spool_dir) cfg.lmtp.spool_dir = abs(cfg.lmtp.spool_dir);
+  if (cfg.auth.oauth) {
+    const o = cfg.auth.oauth;
+    if (o.introspection) o.introspection.client_secret_file = abs(o.introspection.client_secret_file);
+    if (o.jwt) o.jwt.jwks_file = abs(o.jwt.jwks_file);
+  }
   if (cfg.auth.ldap) {
     cfg.auth.ldap.ca = abs(cfg.auth.ldap.ca);
     cfg.auth.ldap.bind_password_file = abs(cfg.auth.ldap.bind_password_file);

@@ -2,6 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { readPasswordFile } from './auth/identity.js';
+import { parseJwks } from './auth/jwt.js';
 import { readSecretFile } from './auth/secret-file.js';
 import { BACKEND_PROTOCOLS, isLoopback, plaintextAllowed, type Config } from './config.js';
 
@@ -84,6 +85,19 @@ export function preflight(cfg: Config): Preflight {
     if (ldap.url.startsWith('ldap://') && !ldap.starttls && !isLoopback(new URL(ldap.url).hostname)) {
       warnings.push(`auth.ldap.url ${ldap.url} without starttls: passwords cross the network to the directory in clear`);
     }
+  }
+  const oauth = cfg.auth.oauth;
+  if (oauth) {
+    checkSecret('auth.oauth.introspection.client_secret_file', oauth.introspection?.client_secret_file);
+    if (oauth.jwt?.jwks_file !== undefined) {
+      try {
+        if (parseJwks(JSON.parse(readFileSync(oauth.jwt.jwks_file, 'utf8'))).length === 0) errors.push(`auth.oauth.jwt.jwks_file ${oauth.jwt.jwks_file} holds no usable RSA or EC signing key`);
+      } catch (e) {
+        errors.push(`auth.oauth.jwt.jwks_file ${oauth.jwt.jwks_file}: ${describe(e)}`);
+      }
+    }
+    const url = oauth.introspection?.url ?? oauth.jwt?.jwks_url;
+    if (url?.startsWith('http://') && !isLoopback(new URL(url).hostname)) warnings.push(`auth.oauth: ${url} is not https: tokens (or the keys that check them) cross the network in clear`);
   }
   if (cfg.admin?.token_file !== undefined) {
     try {

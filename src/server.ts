@@ -5,6 +5,7 @@ import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.j
 import type { Config } from './config.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
+import { ProxyTokenChecker } from './auth/oauth-check.js';
 import { createLogger, type Logger } from './log.js';
 import { FileSource } from './lookup/file.js';
 import { RedisSource } from './lookup/redis.js';
@@ -83,6 +84,8 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   // Secret files are read now: a missing one stops the start, not the first login.
   loadIdentities(cfg.backend);
   const passwords = cfg.auth.ldap ? new LdapPasswordChecker(cfg.auth.ldap, log) : undefined;
+  const oauth = cfg.auth.oauth;
+  const tokens = oauth && (oauth.introspection || oauth.jwt) ? new ProxyTokenChecker(oauth, log) : undefined;
   const lookupLog = lookupErrors(cfg, log);
   const source = createSource(cfg, log, lookupLog.onError);
   const router = new Router(source, {
@@ -125,6 +128,9 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
     ownListeners: new OwnListeners(),
     ...(passwords ? { passwords } : {}),
+    ...(oauth ? { oauth } : {}),
+    ...(tokens ? { tokens } : {}),
+    ...(cfg.lookup.default_domain ? { defaultDomain: cfg.lookup.default_domain } : {}),
   };
   router.start();
   // Logins that arrive before the lookup is connected would all fail: give it a moment.

@@ -47,7 +47,7 @@ describe('mechanism table', () => {
     expect(ir.outcome).toMatchObject({ kind: 'ok', credentials: { kind: 'password' } });
     const asked = await exchange('PLAIN', undefined, [msg]);
     expect(asked.challenges).toEqual(['']);
-    if (asked.outcome.kind !== 'ok') throw new Error('not ok');
+    if (asked.outcome.kind !== 'ok' || asked.outcome.credentials.kind !== 'password') throw new Error('not ok');
     expect(asked.outcome.credentials.authcid.toString()).toBe('alice');
     expect(asked.outcome.credentials.password.toString()).toBe('pw');
     expect((await exchange('PLAIN', '=', [])).outcome.kind).toBe('malformed');
@@ -55,17 +55,17 @@ describe('mechanism table', () => {
 
   it('PLAIN keeps an authzid that differs from the authcid, and drops one that equals it', async () => {
     const r = await exchange('PLAIN', b64('bob\0admin\0pw'), []);
-    if (r.outcome.kind !== 'ok') throw new Error('not ok');
+    if (r.outcome.kind !== 'ok' || r.outcome.credentials.kind !== 'password') throw new Error('not ok');
     expect(r.outcome.credentials.authzid?.toString()).toBe('bob');
     const same = await exchange('PLAIN', b64('admin\0admin\0pw'), []);
-    if (same.outcome.kind !== 'ok') throw new Error('not ok');
+    if (same.outcome.kind !== 'ok' || same.outcome.credentials.kind !== 'password') throw new Error('not ok');
     expect(same.outcome.credentials.authzid).toBeUndefined();
   });
 
   it('LOGIN asks Username: then Password:, or takes the user name as initial response', async () => {
     const r = await exchange('LOGIN', undefined, [b64('alice@example.com'), b64('pass word')]);
     expect(r.challenges).toEqual([b64('Username:'), b64('Password:')]);
-    if (r.outcome.kind !== 'ok') throw new Error('not ok');
+    if (r.outcome.kind !== 'ok' || r.outcome.credentials.kind !== 'password') throw new Error('not ok');
     expect(r.outcome.credentials.authcid.toString()).toBe('alice@example.com');
     expect(r.outcome.credentials.password.toString()).toBe('pass word');
     const ir = await exchange('LOGIN', b64('alice'), [b64('pw')]);
@@ -95,7 +95,7 @@ describe('mechanism table', () => {
         });
         expect(asked).toBeLessThanOrEqual(MAX_SASL_ROUNDS);
         expect(['ok', 'cancelled', 'malformed']).toContain(outcome.kind);
-        if (outcome.kind === 'ok') {
+        if (outcome.kind === 'ok' && outcome.credentials.kind === 'password') {
           expect(outcome.credentials.authcid.length).toBeGreaterThan(0);
           expect(outcome.credentials.authcid.includes(0)).toBe(false);
           expect(outcome.credentials.password.includes(0)).toBe(false);
@@ -126,7 +126,7 @@ describe('backend identity', () => {
     const cfg = doc([{ slots: ['dove*'], login_name: 'full' }, { slots: ['cyrus*'], login_name: 'local_part' }, { slots: ['*'], login_name: 'full' }]);
     expect(identityFor(cfg.backend, 'other')).toMatchObject({ mode: 'passthrough', loginName: 'full' });
     expect(identityFor(cfg.backend, 'cyrus1')).toMatchObject({ mode: 'passthrough', loginName: 'local_part' });
-    expect(identityFor(parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'r' } }, 't').backend, 'x')).toEqual({ mode: 'passthrough', loginName: 'full' });
+    expect(identityFor(parseConfig({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { file: 'r' } }, 't').backend, 'x')).toEqual({ mode: 'passthrough', loginName: 'full', oauth: 'passthrough' });
   });
 
   it('maps the login by the rule unless the user record sets backend_login', () => {

@@ -1,4 +1,4 @@
-import type { Credentials } from './credentials.js';
+import type { PasswordCredentials } from './credentials.js';
 
 /** The answer of a password check done by the proxy itself. */
 export type CheckResult =
@@ -16,6 +16,6 @@ export class CheckerUnavailable extends Error {
 
 export interface PasswordChecker {
   /** Resolves with the verdict, or rejects with CheckerUnavailable. Never logs the password. */
-  check(creds: Credentials): Promise<CheckResult>;
+  check(creds: PasswordCredentials): Promise<CheckResult>;
   close(): Promise<void>;
 }

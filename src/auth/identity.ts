@@ -1,7 +1,7 @@
 import type { Config, IdentityGroupConfig } from '../config.js';
 import type { Route } from '../lookup/model.js';
 import { globToRegExp } from '../proxy/backend.js';
-import type { Credentials, PasswordCredentials } from './credentials.js';
+import type { PasswordCredentials, TokenCredentials } from './credentials.js';
 import { readPasswordFile } from './secret-file.js';
 
 export { readPasswordFile } from './secret-file.js';
@@ -25,9 +25,11 @@ export interface BackendIdentity {
    * `user<separator>admin` (Dovecot's auth_master_user_separator) instead of with an authzid.
    */
   masterSeparator?: string;
+  /** Token logins: the backend checks the token (passthrough), or the proxy does and `admin` logs in (check). */
+  oauth?: 'passthrough' | 'check';
 }
 
-const PASSTHROUGH: BackendIdentity = Object.freeze({ mode: 'passthrough', loginName: 'full' });
+const PASSTHROUGH: BackendIdentity = Object.freeze({ mode: 'passthrough', loginName: 'full', oauth: 'passthrough' });
 
 /** Compiled once per config object; the admin password file read once per group (a reload reads it again). */
 const compiled = new WeakMap<IdentityGroupConfig, { patterns: RegExp[]; identity: BackendIdentity }>();
@@ -35,9 +37,9 @@ const compiled = new WeakMap<IdentityGroupConfig, { patterns: RegExp[]; identity
 function compile(g: IdentityGroupConfig): { patterns: RegExp[]; identity: BackendIdentity } {
   let c = compiled.get(g);
   if (!c) {
-    const identity: BackendIdentity = { mode: g.identity, loginName: g.login_name };
+    const identity: BackendIdentity = { mode: g.identity, loginName: g.login_name, oauth: g.oauth };
     if (g.admin_user !== undefined && g.admin_password_file !== undefined) identity.admin = { user: g.admin_user, password: readPasswordFile(g.admin_password_file) };
-    if (g.identity === 'admin' && g.master_login_form === 'separator') identity.masterSeparator = g.master_separator;
+    if ((g.identity === 'admin' || g.oauth === 'check') && g.master_login_form === 'separator') identity.masterSeparator = g.master_separator;
     c = { patterns: g.slots.map(globToRegExp), identity };
     compiled.set(g, c);
   }
@@ -55,7 +57,7 @@ export function identityFor(backend: Config['backend'], slot: string): BackendId
 
 /** Reads the admin password of every group in admin mode now, so that a missing file stops the start, not a login. */
 export function loadIdentities(backend: Config['backend']): void {
-  for (const g of backend.identity_groups) if (g.identity === 'admin') compile(g);
+  for (const g of backend.identity_groups) if (g.identity === 'admin' || g.oauth === 'check') compile(g);
 }
 
 /** The user's name on the backend: backend_login when the record sets one, else the login by the group's rule. */
@@ -73,14 +75,27 @@ export function backendUserName(route: Route, identity: BackendIdentity): string
  * client's password (and a client's own proxy login keeps its authcid: only the mailbox
  * name changes); admin sends the configured admin's.
  */
-export function backendCredentials(identity: BackendIdentity, client: Credentials, route: Route): PasswordCredentials {
+export function backendCredentials(identity: BackendIdentity, client: PasswordCredentials, route: Route): PasswordCredentials {
+  if (identity.mode === 'admin' && identity.admin) return adminCredentials(identity, route)!;
   const user = Buffer.from(backendUserName(route, identity), 'utf8');
-  if (identity.mode === 'admin' && identity.admin) {
-    const { admin } = identity;
-    if (identity.masterSeparator !== undefined) {
-      return { kind: 'password', authcid: Buffer.from(`${user.toString('utf8')}${identity.masterSeparator}${admin.user}`, 'utf8'), password: admin.password };
-    }
-    return { kind: 'password', authzid: user, authcid: Buffer.from(admin.user, 'utf8'), password: admin.password };
-  }
   return client.authzid ? { ...client, authzid: user } : { ...client, authcid: user };
 }
+
+/** The group's admin acting for the route's user (authzid, or the `user*admin` form); undefined without an admin. */
+export function adminCredentials(identity: BackendIdentity, route: Route): PasswordCredentials | undefined {
+  const { admin } = identity;
+  if (!admin) return undefined;
+  const user = backendUserName(route, identity);
+  if (identity.masterSeparator !== undefined) {
+    return { kind: 'password', authcid: Buffer.from(`${user}${identity.masterSeparator}${admin.user}`, 'utf8'), password: admin.password };
+  }
+  return { kind: 'password', authzid: Buffer.from(user, 'utf8'), authcid: Buffer.from(admin.user, 'utf8'), password: admin.password };
+}
+
+/** A token passed through to a backend that checks it: the same token, for the user's name on that backend. */
+export function backendToken(identity: BackendIdentity, client: TokenCredentials, route: Route): TokenCredentials {
+  return { ...client, user: Buffer.from(backendUserName(route, identity), 'utf8') };
+}
+
+/** What a backend dialogue logs in with. */
+export type BackendCredentials = PasswordCredentials | TokenCredentials;

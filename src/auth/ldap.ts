@@ -6,7 +6,7 @@ import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { OutageLog } from '../outage.js';
 import { CheckerUnavailable, type CheckResult, type PasswordChecker } from './checker.js';
-import type { Credentials } from './credentials.js';
+import type { PasswordCredentials } from './credentials.js';
 import { readSecretFile } from './secret-file.js';
 
 // Passwords checked against an LDAP directory: bind as the service DN, search the user's
@@ -78,7 +78,7 @@ export class LdapPasswordChecker implements PasswordChecker {
     }
   }
 
-  async check(creds: Credentials): Promise<CheckResult> {
+  async check(creds: PasswordCredentials): Promise<CheckResult> {
     const login = creds.authcid.toString('utf8');
     // An empty password is an unauthenticated bind (RFC 4513 5.1.2), which servers accept.
     if (creds.password.length === 0) return { ok: false, why: 'empty password' };

@@ -1,4 +1,5 @@
 import { passwordCredentials, type Credentials } from './credentials.js';
+import { parseOauthBearer, parseXoauth2 } from './oauth-payload.js';
 import { decodeBase64, encodeBase64, parsePlain } from './sasl.js';
 
 // The client SASL mechanisms, one table for IMAP AUTHENTICATE and POP3 AUTH. Each yields
@@ -19,6 +20,8 @@ export interface Mechanism {
   name: string;
   /** Offered only when the proxy checks passwords itself (see auth.ldap). */
   needsPasswordCheck: boolean;
+  /** A bearer-token mechanism: offered only when auth.oauth is configured. */
+  token?: boolean;
   start(): SaslServer;
 }
 
@@ -73,17 +76,53 @@ const LOGIN: Mechanism = {
   },
 };
 
-/** Keyed by upper-case name. OAUTHBEARER goes here, with a `token` Credentials kind. */
-export const MECHANISMS: ReadonlyMap<string, Mechanism> = new Map([PLAIN, LOGIN].map((m) => [m.name, m]));
-
-/** The mechanisms a client may use, in the order to advertise them. */
-export function offeredMechanisms(passwordsChecked: boolean): Mechanism[] {
-  return [...MECHANISMS.values()].filter((m) => passwordsChecked || !m.needsPasswordCheck);
+/**
+ * A one-message mechanism whose message is parsed by `parse` (the token mechanisms). Without
+ * an initial response the server asks with an empty challenge, as RFC 7628 says.
+ */
+function oneMessage(name: string, parse: (raw: Buffer) => Credentials | undefined): Mechanism {
+  return {
+    name,
+    needsPasswordCheck: false,
+    token: true,
+    start: () => {
+      let asked = false;
+      return {
+        step(response) {
+          if (response === undefined) {
+            if (asked) return { kind: 'malformed' };
+            asked = true;
+            return { kind: 'challenge', challenge: EMPTY };
+          }
+          const creds = parse(response);
+          return creds ? { kind: 'done', credentials: creds } : { kind: 'malformed' };
+        },
+      };
+    },
+  };
 }
 
-export function findMechanism(name: string, passwordsChecked: boolean): Mechanism | undefined {
+/** RFC 7628: GS2 header with the login as authzid, then `auth=Bearer <token>`. */
+const OAUTHBEARER = oneMessage('OAUTHBEARER', parseOauthBearer);
+/** Google's XOAUTH2 (Outlook, Gmail clients): `user=<login>` and `auth=Bearer <token>`. */
+const XOAUTH2 = oneMessage('XOAUTH2', parseXoauth2);
+
+/** Keyed by upper-case name. */
+export const MECHANISMS: ReadonlyMap<string, Mechanism> = new Map([PLAIN, LOGIN, OAUTHBEARER, XOAUTH2].map((m) => [m.name, m]));
+
+/** What a connection may be offered: LOGIN needs a password check here, the token mechanisms auth.oauth. */
+function allowed(m: Mechanism, passwordsChecked: boolean, tokens: boolean): boolean {
+  return (passwordsChecked || !m.needsPasswordCheck) && (tokens || !m.token);
+}
+
+/** The mechanisms a client may use, in the order to advertise them. */
+export function offeredMechanisms(passwordsChecked: boolean, tokens = false): Mechanism[] {
+  return [...MECHANISMS.values()].filter((m) => allowed(m, passwordsChecked, tokens));
+}
+
+export function findMechanism(name: string, passwordsChecked: boolean, tokens = false): Mechanism | undefined {
   const m = MECHANISMS.get(name.toUpperCase());
-  return m && (passwordsChecked || !m.needsPasswordCheck) ? m : undefined;
+  return m && allowed(m, passwordsChecked, tokens) ? m : undefined;
 }
 
 /** No mechanism here needs more; a client that keeps answering is refused. */

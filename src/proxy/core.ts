@@ -13,8 +13,14 @@ import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from './tls.js';
 import { LineReader } from './lines.js';
 import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
-import { mailboxOwner, type Credentials, type PasswordCredentials } from '../auth/credentials.js';
-import { backendCredentials, identityFor } from '../auth/identity.js';
+import { mailboxOwner, type Credentials, type TokenCredentials } from '../auth/credentials.js';
+import { offeredMechanisms, type Mechanism } from '../auth/mechanisms.js';
+import { refusalJson } from '../auth/oauth-payload.js';
+import { adminCredentials, backendCredentials, backendToken, identityFor, type BackendCredentials } from '../auth/identity.js';
+import type { TokenChecker } from '../auth/oauth-check.js';
+import type { TokenRefusal } from '../auth/oauth-payload.js';
+import type { OauthConfig } from '../config.js';
+import { normalizeLogin } from '../lookup/model.js';
 
 /** Login outcomes, counted for metrics. `throttled`: refused by a per-address limit before any lookup. */
 export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked' | 'throttled';
@@ -35,10 +41,16 @@ export interface ProxyContext {
   ownListeners: OwnListeners;
   /** Set when the proxy checks passwords itself (auth.ldap); absent, the backend does. */
   passwords?: PasswordChecker;
+  /** auth.oauth: the token mechanisms are offered (and how a refusal is worded). */
+  oauth?: OauthConfig;
+  /** Set when auth.oauth can check tokens here (introspection or jwt), for groups with oauth: check. */
+  tokens?: TokenChecker;
+  /** lookup.default_domain, to compare a token's login claim with the client's login. */
+  defaultDomain?: string;
 }
 
 /** A protocol's backend login dialogue, given what to log in with on that backend. */
-export type BackendDialogue<T> = (route: Route, sock: Socket, tls: BackendTlsConfig, creds: PasswordCredentials) => Promise<T>;
+export type BackendDialogue<T> = (route: Route, sock: Socket, tls: BackendTlsConfig, creds: BackendCredentials) => Promise<T>;
 
 /** A logged-in backend connection as a protocol's login dialogue hands it over. */
 export interface BackendSession {
@@ -72,10 +84,15 @@ export class LoginFailed extends Error {
   constructor(
     readonly result: Exclude<LoginResult, 'ok'> | 'in-use',
     message: string,
+    /** A refused token: what the RFC 7628 error exchange tells the client. */
+    readonly refusal?: TokenRefusal,
   ) {
     super(message);
   }
 }
+
+/** Any token login that failed as auth-failed is answered with the error exchange; this is what it says when nothing more precise is known. */
+export const INVALID_TOKEN: TokenRefusal = Object.freeze({ status: 'invalid_token' });
 
 /** What a connection before login is told when the server stops (RFC 9051 7.1.5; RFC 2449 [SYS/TEMP]). */
 const SHUTDOWN_WORDS: Record<string, string> = {
@@ -157,6 +174,27 @@ export abstract class PreauthConnection implements Expiring {
     return this.ctx.passwords !== undefined;
   }
 
+  /** The SASL mechanisms this connection is offered: LOGIN when passwords are checked here, the token ones with auth.oauth. */
+  get mechanisms(): Mechanism[] {
+    const oauth = this.ctx.oauth;
+    return offeredMechanisms(this.passwordsChecked, oauth !== undefined).filter((m) => !m.token || oauth!.mechanisms.includes(m.name as 'OAUTHBEARER'));
+  }
+
+  findMechanism(name: string): Mechanism | undefined {
+    const upper = name.toUpperCase();
+    return this.mechanisms.find((m) => m.name === upper);
+  }
+
+  /**
+   * RFC 7628 3.2.2 (and Google's XOAUTH2 alike): a refused token is told as a challenge
+   * carrying the JSON status; the client's answer (%x01, an empty line, anything) is read
+   * and dropped; then the caller sends the protocol's failure.
+   */
+  async tokenErrorExchange(creds: TokenCredentials, refusal: TokenRefusal): Promise<void> {
+    this.write(`+ ${Buffer.from(refusalJson(creds.mechanism, refusal), 'utf8').toString('base64')}\r\n`);
+    await this.reader.line();
+  }
+
   get canStartTls(): boolean {
     return this.rt.cfg.tls === 'starttls' && !this.secure;
   }
@@ -235,7 +273,7 @@ export abstract class PreauthConnection implements Expiring {
       const reservation = await throttle.reserve(this.clientIp);
       if (!reservation) throw new LoginFailed('throttled', 'too many failed logins from this address');
       const login = await this.routedLogin(creds);
-      const done = await this.verify(protocol, login, (route, sock, tls) => dialogue(route, sock, tls, this.backendCreds(creds, route)), logout);
+      const done = await this.verify(protocol, login, (route) => this.backendCreds(creds, route), dialogue, logout);
       throttle.succeeded(reservation);
       return done;
     } catch (e) {
@@ -252,6 +290,13 @@ export abstract class PreauthConnection implements Expiring {
    * takes the same delay and throttle as a backend's); an alias login becomes its owner's.
    */
   private async routedLogin(creds: Credentials): Promise<string> {
+    if (creds.kind === 'token') {
+      // The token is checked once the route says by whom (its slot group's oauth mode).
+      if (creds.user.length > 0) return mailboxOwner(creds);
+      // OAUTHBEARER without a=: only a token checked here can say who it is.
+      if (!this.ctx.tokens) throw new LoginFailed('auth-failed', 'no login in the OAUTHBEARER message (a=)', INVALID_TOKEN);
+      return this.checkToken(creds, undefined);
+    }
     const checker = this.ctx.passwords;
     if (!checker) return mailboxOwner(creds);
     // The directory says whose password it is, not who may act for whom.
@@ -267,9 +312,44 @@ export abstract class PreauthConnection implements Expiring {
     return verdict.login;
   }
 
+  /**
+   * Checks a token here; the login it names, which must be the login the client gave
+   * (`claimed`, when it gave one). A refusal is auth-failed with the RFC 7628 status.
+   */
+  private async checkToken(creds: TokenCredentials, claimed: string | undefined): Promise<string> {
+    const checker = this.ctx.tokens;
+    if (!checker) throw new LoginFailed('unavailable', 'oauth: check without a token checker');
+    let verdict;
+    try {
+      verdict = await checker.check(creds.token);
+    } catch (e) {
+      if (e instanceof CheckerUnavailable) throw new LoginFailed('unavailable', e.message);
+      throw e;
+    }
+    if (!verdict.ok) throw new LoginFailed('auth-failed', `token refused: ${verdict.why}`, { ...this.refusalExtras(), status: verdict.status });
+    const login = normalizeLogin(verdict.login, this.ctx.defaultDomain);
+    // A good token for one user is no key to another's mailbox.
+    if (claimed !== undefined && normalizeLogin(claimed, this.ctx.defaultDomain) !== login) {
+      throw new LoginFailed('auth-failed', 'token names another user than the login', { ...this.refusalExtras(), status: 'invalid_token' });
+    }
+    return login;
+  }
+
+  private refusalExtras(): Omit<TokenRefusal, 'status'> {
+    const o = this.ctx.oauth;
+    return { ...(o?.scope ? { scope: o.scope } : {}), ...(o?.openid_configuration ? { openidConfiguration: o.openid_configuration } : {}) };
+  }
+
   /** What to log in with on the route's backend, by its slot group's identity rule. */
-  private backendCreds(creds: Credentials, route: Route): PasswordCredentials {
+  private async backendCreds(creds: Credentials, route: Route): Promise<BackendCredentials> {
     const identity = identityFor(this.ctx.backend, route.slot);
+    if (creds.kind === 'token') {
+      if (identity.oauth !== 'check') return backendToken(identity, creds, route);
+      await this.checkToken(creds, route.login);
+      const admin = adminCredentials(identity, route);
+      if (!admin) throw new LoginFailed('unavailable', `slot ${route.slot}: oauth: check without admin_user`);
+      return admin;
+    }
     // The config refuses this; a backend must never be told "trust me" for an unchecked password.
     if (identity.mode === 'admin' && !this.ctx.passwords) throw new BackendRefused('unavailable', `slot ${route.slot}: admin identity without a password checker`);
     return backendCredentials(identity, creds, route);
@@ -283,7 +363,8 @@ export abstract class PreauthConnection implements Expiring {
   private async verify<T>(
     protocol: Protocol,
     login: string,
-    dialogue: (route: Route, sock: Socket, tls: BackendTlsConfig) => Promise<T>,
+    prepare: (route: Route) => Promise<BackendCredentials>,
+    dialogue: BackendDialogue<T>,
     logout: (result: T) => void,
   ): Promise<{ route: Route; result: T }> {
     let route: Route;
@@ -299,6 +380,8 @@ export abstract class PreauthConnection implements Expiring {
     }
     const port = route.ports[protocol];
     if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
+    // Before any backend connection: a token checked here may be refused.
+    const backendCreds = await prepare(route);
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
     this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
     let result: T;
@@ -310,11 +393,12 @@ export abstract class PreauthConnection implements Expiring {
         this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });
         throw new BackendRefused('unavailable', `slot ${route.slot} (${route.host}:${port}) points at this proxy`);
       }
-      result = await dialogue(route, sock, tls);
+      result = await dialogue(route, sock, tls, backendCreds);
     } catch (e) {
       this.backendSocket?.destroy();
       if (e instanceof BackendRefused) {
-        throw new LoginFailed(e.kind === 'auth' ? 'auth-failed' : e.kind, `${route.slot}: ${e.message}`);
+        const refusal = e.kind === 'auth' && backendCreds.kind === 'token' ? { ...this.refusalExtras(), status: 'invalid_token' as const } : undefined;
+        throw new LoginFailed(e.kind === 'auth' ? 'auth-failed' : e.kind, `${route.slot}: ${e.message}`, refusal);
       }
       throw new LoginFailed('unavailable', `${route.slot}: ${(e as Error).message}`);
     } finally {

@@ -4,11 +4,12 @@ import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, print
 import { backendIdCommand } from './hop.js';
 import { capabilitiesIn, encodeAstring } from './imap-syntax.js';
 import { LineReader } from './lines.js';
-import type { PasswordCredentials } from '../auth/credentials.js';
+import type { BackendCredentials } from '../auth/identity.js';
+import { encodeTokenMessage, errorAcknowledgement } from '../auth/oauth-payload.js';
 import { encodePlain } from '../auth/sasl.js';
 
 /** Already mapped to the backend's name for the user where needed. */
-export type ImapCredentials = PasswordCredentials;
+export type ImapCredentials = BackendCredentials;
 
 export interface ImapBackendLogin {
   socket: Socket;
@@ -39,6 +40,28 @@ async function untilTagged(reader: BackendLines, tag: string): Promise<{ untagge
   for (;;) {
     const line = await reader.line();
     if (line.startsWith(`${tag} `)) return { untagged, tagged: line.slice(tag.length + 1) };
+    if (line.startsWith('* ') && imapStatus(line.slice(2)) === 'BYE') throw new BackendRefused('unavailable', `backend said ${printable(line)}`);
+    untagged.push(line);
+  }
+}
+
+/**
+ * untilTagged for a token login: a continuation before the tagged reply is the RFC 7628
+ * error challenge (a refused token), answered with the mechanism's acknowledgement so
+ * that the backend sends its NO. At most one: a second is a backend we do not understand.
+ */
+async function untilTaggedAcknowledging(reader: BackendLines, sock: Socket, tag: string, ack: Buffer): Promise<{ untagged: string[]; tagged: string }> {
+  const untagged: string[] = [];
+  let challenged = false;
+  for (;;) {
+    const line = await reader.line();
+    if (line.startsWith(`${tag} `)) return { untagged, tagged: line.slice(tag.length + 1) };
+    if (line.startsWith('+')) {
+      if (challenged) throw new BackendRefused('unavailable', 'backend sent a second challenge to a token login');
+      challenged = true;
+      sock.write(`${ack.toString('base64')}\r\n`);
+      continue;
+    }
     if (line.startsWith('* ') && imapStatus(line.slice(2)) === 'BYE') throw new BackendRefused('unavailable', `backend said ${printable(line)}`);
     untagged.push(line);
   }
@@ -91,7 +114,24 @@ export async function imapBackendLogin(
     let out = '';
     if (caps.has('ID')) out += backendIdCommand(opts);
     const plainIr = caps.has('AUTH=PLAIN') && caps.has('SASL-IR');
-    if (plainIr || creds.authzid) {
+    let answer: { untagged: string[]; tagged: string } | undefined;
+    if (creds.kind === 'token') {
+      // oauth: passthrough: the backend checks the token (Dovecot's oauth2 passdb).
+      const mech = creds.mechanism;
+      if (!caps.has(`AUTH=${mech}`)) throw new BackendRefused('unavailable', `backend does not offer AUTH=${mech} (oauth: passthrough needs a backend that checks tokens)`);
+      const msg = encodeTokenMessage(mech, creds.user.toString('utf8'), creds.token);
+      if (!msg) throw new BackendRefused('auth', 'login not representable in a token message');
+      const ir = caps.has('SASL-IR');
+      out += ir ? `L AUTHENTICATE ${mech} ${msg.toString('base64')}\r\n` : `L AUTHENTICATE ${mech}\r\n`;
+      sock.write(out);
+      if (out.includes('I ID')) await untilTagged(reader, 'I');
+      if (!ir) {
+        const cont = await reader.line();
+        if (!cont.startsWith('+')) throw new BackendRefused('unavailable', `backend AUTHENTICATE: ${printable(cont)}`);
+        sock.write(`${msg.toString('base64')}\r\n`);
+      }
+      answer = await untilTaggedAcknowledging(reader, sock, 'L', errorAcknowledgement(mech));
+    } else if (plainIr || creds.authzid) {
       if (!caps.has('AUTH=PLAIN')) throw new BackendRefused('auth', 'backend does not offer AUTH=PLAIN for a proxy login');
       const msg = encodePlain(creds);
       out += plainIr ? `L AUTHENTICATE PLAIN ${msg.toString('base64') || '='}\r\n` : 'L AUTHENTICATE PLAIN\r\n';
@@ -125,7 +165,7 @@ export async function imapBackendLogin(
       sock.write(`${line}\r\n`);
     }
 
-    const { untagged, tagged } = await untilTagged(reader, 'L');
+    const { untagged, tagged } = answer ?? (await untilTagged(reader, 'L'));
     const status = imapStatus(tagged);
     if (status === 'OK') {
       const okText = tagged;

@@ -1,13 +1,13 @@
 import type { Socket } from 'node:net';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
-import { findMechanism, offeredMechanisms, runSasl } from '../auth/mechanisms.js';
+import { runSasl } from '../auth/mechanisms.js';
 import { imapBackendLogin } from './imap-backend.js';
 import { shownAtLogin } from './imap-commands.js';
 import { hopIn } from './hop.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
 import { LineTooLong } from './lines.js';
-import { LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
 
 // The IMAP pre-auth dialogue (RFC 9051 / 3501): greeting, CAPABILITY, NOOP, LOGOUT, ID,
 // STARTTLS, LOGIN, AUTHENTICATE (the mechanisms of src/auth/mechanisms.ts). Everything else before login is BAD. After a
@@ -30,7 +30,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   private capabilities(): string {
     const caps = ['IMAP4rev1', 'LITERAL+', 'SASL-IR', 'ID'];
     if (this.canStartTls) caps.push('STARTTLS');
-    if (this.credentialsAllowed) for (const m of offeredMechanisms(this.passwordsChecked)) caps.push(`AUTH=${m.name}`);
+    if (this.credentialsAllowed) for (const m of this.mechanisms) caps.push(`AUTH=${m.name}`);
     else caps.push('LOGINDISABLED');
     return caps.join(' ');
   }
@@ -128,7 +128,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   }
 
   private async authenticate(tag: string, args: Token[]): Promise<boolean> {
-    const mech = args[0]?.kind === 'atom' ? findMechanism(args[0].text, this.passwordsChecked) : undefined;
+    const mech = args[0]?.kind === 'atom' ? this.findMechanism(args[0].text) : undefined;
     if (!mech) {
       this.write(`${tag} NO Unsupported authentication mechanism\r\n`);
       return false;
@@ -198,6 +198,7 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
       if (!(e instanceof LoginFailed)) throw e;
       this.noteFailure('imap', e, login);
       if (e.result === 'auth-failed' || e.result === 'throttled') {
+        if (e.result === 'auth-failed' && creds.kind === 'token') await this.tokenErrorExchange(creds, e.refusal ?? INVALID_TOKEN);
         this.write(
           e.result === 'throttled'
             ? `${tag} NO [UNAVAILABLE] Too many login attempts from your address, try again later\r\n`

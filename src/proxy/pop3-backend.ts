@@ -2,6 +2,8 @@ import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
 import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
 import type { PasswordCredentials } from '../auth/credentials.js';
+import type { BackendCredentials } from '../auth/identity.js';
+import { encodeTokenMessage, errorAcknowledgement } from '../auth/oauth-payload.js';
 import { encodePlain } from '../auth/sasl.js';
 import { LineReader } from './lines.js';
 
@@ -9,8 +11,8 @@ import { LineReader } from './lines.js';
 // STLS, then AUTH PLAIN or USER/PASS with the client's own credentials. The backend checks
 // the password; the proxy only carries it.
 
-/** The same shape as IMAP's: SASL PLAIN's three fields. */
-export type Pop3Credentials = PasswordCredentials;
+/** The same shape as IMAP's: SASL PLAIN's three fields, or a token to pass through. */
+export type Pop3Credentials = BackendCredentials;
 
 export interface Pop3BackendLogin {
   socket: Socket;
@@ -47,9 +49,42 @@ export function isErr(line: string): boolean {
   return /^-ERR(?: |$)/.test(line);
 }
 
-function saslPlain(caps: Set<string>): boolean {
-  for (const c of caps) if (/^SASL( |$)/.test(c) && c.split(/\s+/).includes('PLAIN')) return true;
+function saslOffers(caps: Set<string>, mech: string): boolean {
+  for (const c of caps) if (/^SASL( |$)/.test(c) && c.split(/\s+/).includes(mech)) return true;
   return false;
+}
+
+function saslPlain(caps: Set<string>): boolean {
+  return saslOffers(caps, 'PLAIN');
+}
+
+/**
+ * oauth: passthrough: AUTH OAUTHBEARER / XOAUTH2 with the client's token, for a backend
+ * that checks it. A continuation after the message is the error challenge of a refused
+ * token, acknowledged so that the backend sends its -ERR. Returns the final answer line.
+ */
+async function tokenLogin(sock: Socket, reader: BackendLines, caps: Set<string>, creds: BackendCredentials & { kind: 'token' }): Promise<string> {
+  const mech = creds.mechanism;
+  if (!saslOffers(caps, mech)) throw new BackendRefused('unavailable', `backend does not offer SASL ${mech} (oauth: passthrough needs a backend that checks tokens)`);
+  const msg = encodeTokenMessage(mech, creds.user.toString('utf8'), creds.token);
+  if (!msg) throw new BackendRefused('auth', 'login not representable in a token message');
+  const b64 = msg.toString('base64');
+  // RFC 5034: the command with its initial response fits in 255 octets, else it waits for "+".
+  if (`AUTH ${mech} ${b64}`.length + 2 <= MAX_AUTH_LINE) {
+    sock.write(`AUTH ${mech} ${b64}\r\n`);
+  } else {
+    sock.write(`AUTH ${mech}\r\n`);
+    const cont = await reader.line();
+    if (!cont.startsWith('+')) throw classifyErr(cont);
+    sock.write(`${b64}\r\n`);
+  }
+  let answer = await reader.line();
+  // A continuation ("+ <json>"), not "+OK": the error challenge of a refused token.
+  if (/^\+(?: |$)/.test(answer)) {
+    sock.write(`${errorAcknowledgement(mech).toString('base64')}\r\n`);
+    answer = await reader.line();
+  }
+  return answer;
 }
 
 /** A refusal in the backend's own words, which a POP3 client may be shown as they are. */
@@ -125,9 +160,11 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
       }
     }
 
-    const plain = encodePlain(creds).toString('base64');
     let answer: string;
-    if (saslPlain(caps) || creds.authzid) {
+    if (creds.kind === 'token') {
+      answer = await tokenLogin(sock, reader, caps, creds);
+    } else if (saslPlain(caps) || creds.authzid) {
+      const plain = encodePlain(creds).toString('base64');
       if (!saslPlain(caps)) throw new BackendRefused('auth', 'backend does not offer SASL PLAIN for a proxy login');
       const withIr = `AUTH PLAIN ${plain || '='}`;
       if (withIr.length + 2 <= MAX_AUTH_LINE) {

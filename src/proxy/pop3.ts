@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
-import { findMechanism, offeredMechanisms, runSasl } from '../auth/mechanisms.js';
-import { LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from './core.js';
+import { runSasl } from '../auth/mechanisms.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from './core.js';
 import { LineTooLong } from './lines.js';
 import { pop3BackendLogin, Pop3Refused, type Pop3BackendLogin } from './pop3-backend.js';
 
@@ -47,7 +47,7 @@ export class Pop3Preauth extends PreauthConnection {
   }
 
   private mechanismNames(): string[] {
-    return offeredMechanisms(this.passwordsChecked).map((m) => m.name);
+    return this.mechanisms.map((m) => m.name);
   }
 
   async run(): Promise<void> {
@@ -173,7 +173,7 @@ export class Pop3Preauth extends PreauthConnection {
       this.write(`+OK\r\n${this.credentialsAllowed ? this.mechanismNames().map((n) => `${n}\r\n`).join('') : ''}.\r\n`);
       return false;
     }
-    const mech = findMechanism(mechRaw, this.passwordsChecked);
+    const mech = this.findMechanism(mechRaw);
     if (!mech || extra.length > 0) {
       this.fail('-ERR Unsupported authentication mechanism');
       return false;
@@ -219,6 +219,7 @@ export class Pop3Preauth extends PreauthConnection {
       if (!(e instanceof LoginFailed)) throw e;
       this.noteFailure('pop3', e, login);
       if (e.result === 'auth-failed' || e.result === 'throttled') {
+        if (e.result === 'auth-failed' && creds.kind === 'token') await this.tokenErrorExchange(creds, e.refusal ?? INVALID_TOKEN);
         this.write(
           e.result === 'throttled'
             ? '-ERR [SYS/TEMP] Too many login attempts from your address, try again later\r\n'
