@@ -106,7 +106,7 @@ describe('config', () => {
     const id = identityFor(cfg.backend, 'cyrus1');
     expect(id).toMatchObject({ mode: 'passthrough', loginName: 'local_part', admin: { user: 'cyrusadmin' } });
     expect(id.admin?.password.toString()).toBe('s3cret');
-    expect(identityFor(cfg.backend, 'slotA')).toEqual({ mode: 'passthrough', loginName: 'full' });
+    expect(identityFor(cfg.backend, 'slotA')).toEqual({ mode: 'passthrough', loginName: 'full', oauth: 'passthrough' });
     expect(pw).toBe(join(dir, 'admin.pw'));
     expect(() => parseConfig(doc([{ slots: ['a'], admin_user: 'x' }]), 'x')).toThrow(/admin_user and admin_password_file go together/);
     expect(() => parseConfig(doc([{ slots: ['a'], identity: 'admin' }]), 'x')).toThrow(/identity: admin needs admin_user/);
