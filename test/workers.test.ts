@@ -123,6 +123,26 @@ async function idle(port: number, user: string, pass: string): Promise<Session> 
   return new Session(c);
 }
 
+/**
+ * Opens sessions of `user` until every worker holds at least one of them (at least `min`,
+ * at most 40): the workers accept from a shared socket, so which one takes a connection is
+ * the kernel's choice.
+ */
+async function onEveryWorker(p: ProxyProcess, user: string, pass: string, min = 4): Promise<{ sessions: Session[]; health: Health }> {
+  const sessions: Session[] = [];
+  const base = await health(p);
+  const had = new Map(base.workers.map((w) => [w.worker, w.sessions ?? 0]));
+  for (;;) {
+    sessions.push(await idle(p.port, user, pass));
+    const h = await waitFor(`${base.sessions + sessions.length} sessions in /healthz`, async () => {
+      const x = await health(p);
+      return x.sessions === base.sessions + sessions.length && x;
+    });
+    if (sessions.length >= min && h.workers.every((w) => (w.sessions ?? 0) > (had.get(w.worker) ?? 0))) return { sessions, health: h };
+    if (sessions.length >= 40) throw new Error(`40 sessions and not on every worker: ${JSON.stringify(h.workers)}`);
+  }
+}
+
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -149,22 +169,17 @@ describe('workers: 2 with the Redis lookup', () => {
   });
 
   it('puts sessions on both workers, ends a store\'s sessions on every worker, and /metrics sums them', async () => {
-    const alice: Session[] = [];
-    for (let i = 0; i < 4; i++) alice.push(await idle(proxy.port, 'alice@example.com', 'alicepw'));
+    // Both workers hold some of alice's sessions: the event below must reach both.
+    const { sessions: alice, health: h } = await onEveryWorker(proxy, 'alice@example.com', 'alicepw');
     sessions.push(...alice);
-    const h = await waitFor('4 sessions in /healthz', async () => {
-      const x = await health(proxy);
-      return x.sessions === 4 && x;
-    });
     expect(h.status).toBe(200);
     expect(h.workers.map((w) => w.worker)).toEqual([1, 2]);
-    // Both workers hold some of alice's sessions: the event below must reach both.
-    for (const w of h.workers) expect(w.sessions, `worker ${w.worker}`).toBeGreaterThan(0);
+    const n = alice.length + 2;
     const bob = [await idle(proxy.port, 'bob@example.com', 'bobpw'), await idle(proxy.port, 'bob@example.com', 'bobpw')];
     sessions.push(...bob);
 
-    await waitFor('6 sessions in /metrics', async () => (await metric(proxy, /^mailsplice_sessions\{protocol="imap"\}/)) === 6);
-    expect(await metric(proxy, /^mailsplice_logins_total\{protocol="imap",result="ok"\}/)).toBe(6);
+    await waitFor(`${n} sessions in /metrics`, async () => (await metric(proxy, /^mailsplice_sessions\{protocol="imap"\}/)) === n);
+    expect(await metric(proxy, /^mailsplice_logins_total\{protocol="imap",result="ok"\}/)).toBe(n);
     expect(await metric(proxy, /^mailsplice_workers /)).toBe(2);
     expect(await metric(proxy, /^mailsplice_workers_unanswered /)).toBe(0);
     // Per-process figures are kept per worker, not summed.
@@ -178,17 +193,12 @@ describe('workers: 2 with the Redis lookup', () => {
     for (const s of alice) expect(await s.bye()).toMatch(/^\* BYE \[UNAVAILABLE\] /);
     for (const s of bob) expect(await s.works()).toBe(true);
     await waitFor('2 sessions left', async () => (await health(proxy)).sessions === 2);
-    expect(await metric(proxy, /^mailsplice_sessions_ended_by_events_total /)).toBe(4);
+    expect(await metric(proxy, /^mailsplice_sessions_ended_by_events_total /)).toBe(alice.length);
   });
 
   it('restarts a worker killed with SIGKILL, and the other worker\'s sessions go on', async () => {
-    const open: Session[] = [];
-    for (let i = 0; i < 4; i++) open.push(await idle(proxy.port, 'carol@example.com', 'carolpw'));
+    const { sessions: open, health: before } = await onEveryWorker(proxy, 'carol@example.com', 'carolpw', 2);
     sessions.push(...open);
-    const before = await waitFor('carol\'s sessions on both workers', async () => {
-      const x = await health(proxy);
-      return x.workers.every((w) => (w.sessions ?? 0) > 0) && x;
-    });
     const victim = before.workers[0]!;
     const survivor = before.workers[1]!;
     process.kill(victim.pid, 'SIGKILL');
@@ -206,13 +216,7 @@ describe('workers: 2 with the Redis lookup', () => {
     expect(after.workers.find((w) => w.worker === survivor.worker)!.pid).toBe(survivor.pid);
     expect(proxy.log()).toMatch(new RegExp(`"msg":"worker died; restarting it","worker":${victim.worker},"pid":${victim.pid},"how":"killed by SIGKILL"`));
     // Logins work on both again (the restarted one included).
-    const fresh: Session[] = [];
-    for (let i = 0; i < 4; i++) fresh.push(await idle(proxy.port, 'alice@example.com', 'alicepw'));
-    sessions.push(...fresh);
-    await waitFor('sessions on the restarted worker', async () => {
-      const x = await health(proxy);
-      return (x.workers.find((w) => w.worker === victim.worker)?.sessions ?? 0) > 0;
-    });
+    sessions.push(...(await onEveryWorker(proxy, 'alice@example.com', 'alicepw', 1)).sessions);
   });
 
   it('passes SIGHUP to every worker, and SIGTERM stops them all', async () => {
@@ -249,14 +253,8 @@ describe('workers: 2 with the routes file', () => {
   });
 
   it('every worker follows a `mailsplice ctl --file` change', async () => {
-    const alice: Session[] = [];
-    for (let i = 0; i < 4; i++) alice.push(await idle(proxy.port, 'alice@example.com', 'alicepw'));
+    const { sessions: alice } = await onEveryWorker(proxy, 'alice@example.com', 'alicepw');
     try {
-      const h = await waitFor('4 sessions', async () => {
-        const x = await health(proxy);
-        return x.sessions === 4 && x;
-      });
-      for (const w of h.workers) expect(w.sessions, `worker ${w.worker}`).toBeGreaterThan(0);
       await execFileP(process.execPath, ['--import', 'tsx', CLI, 'ctl', 'failover', 'store1', '--to', 'slotB', '--file', routes]);
       for (const s of alice) expect(await s.bye()).toMatch(/^\* BYE \[UNAVAILABLE\] /);
       await waitFor('no session left', async () => (await health(proxy)).sessions === 0);

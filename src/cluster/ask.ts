@@ -9,8 +9,9 @@ import type { Worker } from 'node:cluster';
  *       interface Asks { sessions: { arg: SessionFilter; answer: SessionInfo[] } }
  *     }
  *
- * Arguments and answers cross a process boundary (Node's "advanced" serialisation, the
- * structured clone: plain objects, arrays, Maps, Dates, no functions or class instances).
+ * Arguments and answers cross a process boundary as JSON (the cluster IPC's serialisation,
+ * about twice as cheap as the structured clone): plain objects, arrays, strings, numbers,
+ * booleans and null; `undefined` fields vanish, and no Maps, Dates or class instances.
  */
 // eslint-disable-next-line @typescript-eslint/no-empty-interface
 export interface Asks {}
