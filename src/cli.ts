@@ -93,7 +93,7 @@ async function serveWorker(): Promise<void> {
   const { startServer } = await import('./server.js');
   const cfg = workerConfig();
   const log = withFields(createLogger(cfg.log.level), { worker: workerIndex() });
-  await runWorker(cfg, log, (asks) => startServer(cfg, log, { worker: asks }));
+  await runWorker(cfg, log, (role) => startServer(cfg, log, role));
 }
 
 async function healthcheck(argv: string[]): Promise<void> {

@@ -17,7 +17,7 @@ import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
 import type { LoginResult, ProxyContext } from './proxy/core.js';
 import { reloadBackendTls } from './proxy/backend.js';
-import { ClientGate } from './proxy/gate.js';
+import { ClientGate, gateLimits } from './proxy/gate.js';
 import { FailureDelay, LoginThrottle } from './proxy/throttle.js';
 import { ProxyListener } from './proxy/listener.js';
 import { OwnListeners } from './proxy/own-listeners.js';
@@ -78,6 +78,8 @@ export interface ServerRole {
    * itself, asking its own handlers.
    */
   worker?: Answerer;
+  /** In a cluster worker: per-address limits shared with the other workers (src/cluster/ip-limits.ts). */
+  gate?: ClientGate;
 }
 
 export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level), role: ServerRole = {}): Promise<RunningServer> {
@@ -119,7 +121,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     router,
     registry,
     sweep,
-    gate: new ClientGate({ connectionsPerIp: cfg.limits.connections_per_ip, concurrentLoginsPerIp: cfg.limits.concurrent_logins_per_ip }),
+    gate: role.gate ?? new ClientGate(gateLimits(cfg)),
     throttle,
     failureDelay: new FailureDelay(cfg.limits.auth_failure_delay_ms, sweep),
     limits: cfg.limits,

@@ -263,3 +263,48 @@ describe('workers: 2 with the routes file', () => {
     }
   });
 });
+
+describe('workers: 2 and limits.connections_per_ip', () => {
+  let proxy: ProxyProcess;
+  const dir = tempDir('workers-limits');
+  const routes = join(dir, 'routes.yaml');
+
+  beforeAll(async () => {
+    writeRoutesFile(routes, { users: {}, stores: {}, slots: {} });
+    proxy = await startProxyProcess({ workers: 2, lookup: { file: routes }, limits: { connections_per_ip: 4 } }, { admin: true });
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+  });
+
+  it('holds one address to the limit over the whole instance, not per worker', async () => {
+    const held: LineClient[] = [];
+    try {
+      for (let i = 0; i < 4; i++) {
+        const c = await connectLines({ host: HOST, port: proxy.port });
+        held.push(c);
+        expect(await c.readLine()).toMatch(/^\* OK /);
+      }
+      // The workers' counts reach the primary within a few ms; it then holds the address.
+      await waitFor('the address at the limit', async () => (await metric(proxy, /^mailsplice_client_addresses_at_limit\{limit="connections"\}/)) === 1);
+      // Counted per worker, these would mostly be let in (4 connections over 2 workers leave
+      // each worker below 4). Every one is turned away, whichever worker takes it.
+      for (let i = 0; i < 8; i++) {
+        const c = await connectLines({ host: HOST, port: proxy.port });
+        try {
+          expect(await c.readLine()).toBe('* BYE [UNAVAILABLE] Too many connections, try again later');
+        } finally {
+          c.close();
+        }
+      }
+      // One leaves: the address is below the limit again, on every worker.
+      held.pop()!.close();
+      await waitFor('the address below the limit', async () => (await metric(proxy, /^mailsplice_client_addresses_at_limit\{limit="connections"\}/)) === 0);
+      const again = await connectLines({ host: HOST, port: proxy.port });
+      held.push(again);
+      expect(await again.readLine()).toMatch(/^\* OK /);
+    } finally {
+      for (const c of held) c.close();
+    }
+  });
+});

@@ -1,4 +1,5 @@
 import type { Worker } from 'node:cluster';
+import type { IpDeltas, IpDenials } from './ip-limits.js';
 
 /**
  * Questions the primary (or the admin code of a one-process proxy) asks every worker, by
@@ -87,13 +88,14 @@ export class LocalAsks implements Answerer, Asker {
 // ---- The messages between primary and workers (over the cluster's IPC channel). ----
 
 /** primary -> worker */
-export type ToWorker = { ms: 'ask'; id: number; name: string; arg: unknown } | { ms: 'reload' } | { ms: 'close' };
+export type ToWorker = { ms: 'ask'; id: number; name: string; arg: unknown } | { ms: 'reload' } | { ms: 'close' } | { ms: 'ip'; d: IpDenials };
 /** worker -> primary */
 export type ToPrimary =
   | { ms: 'answer'; id: number; ok: true; value: unknown }
   | { ms: 'answer'; id: number; ok: false; error: string }
   | { ms: 'ready' }
-  | { ms: 'failed'; error: string };
+  | { ms: 'failed'; error: string }
+  | { ms: 'ip'; d: IpDeltas };
 
 const isObject = (m: unknown): m is Record<string, unknown> => typeof m === 'object' && m !== null;
 
@@ -101,6 +103,11 @@ export function toWorker(m: unknown): ToWorker | undefined {
   if (!isObject(m)) return undefined;
   if (m.ms === 'ask' && typeof m.id === 'number' && typeof m.name === 'string') return { ms: 'ask', id: m.id, name: m.name, arg: m.arg };
   if (m.ms === 'reload' || m.ms === 'close') return { ms: m.ms };
+  if (m.ms === 'ip' && isObject(m.d) && isObject(m.d.deny) && isObject(m.d.allow)) {
+    const d = m.d as unknown as IpDenials;
+    const lists = [d.deny.connections, d.deny.logins, d.allow.connections, d.allow.logins];
+    if (lists.every((l) => Array.isArray(l) && l.every((ip) => typeof ip === 'string'))) return { ms: 'ip', d: { full: d.full === true, deny: d.deny, allow: d.allow } };
+  }
   return undefined;
 }
 
@@ -111,6 +118,9 @@ export function toPrimary(m: unknown): ToPrimary | undefined {
   }
   if (m.ms === 'ready') return { ms: 'ready' };
   if (m.ms === 'failed') return { ms: 'failed', error: String(m.error) };
+  if (m.ms === 'ip' && isObject(m.d) && Array.isArray(m.d.connections) && Array.isArray(m.d.logins)) {
+    return { ms: 'ip', d: { connections: m.d.connections as [string, number][], logins: m.d.logins as [string, number][] } };
+  }
   return undefined;
 }
 

@@ -1,6 +1,7 @@
 import { AggregatorRegistry, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 import type { AdminSources } from '../admin.js';
 import type { Answerer, Asker, WorkerAnswer } from './ask.js';
+import type { IpLedger } from './ip-limits.js';
 
 // What the admin listener says about the whole instance, read through askWorkers: with one
 // process the answers come from its own handlers, with workers one per worker. The admin code
@@ -48,10 +49,23 @@ function labelProcessMetrics(metrics: MetricsJson, worker: string): MetricsJson 
   );
 }
 
-/** The primary's own process metrics, labelled `worker="primary"` (it holds no sessions, but it has a memory and a CPU). */
-export function primaryProcessRegistry(): Registry {
+/**
+ * The primary's own metrics: its process figures, labelled `worker="primary"` (it holds no
+ * sessions, but it has a memory and a CPU), and the addresses held at a per-address limit
+ * over all workers.
+ */
+export function primaryRegistry(ledger: IpLedger): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: PROCESS_METRIC_PREFIX, labels: { worker: 'primary' } });
+  new Gauge({
+    name: 'mailsplice_client_addresses_at_limit',
+    help: 'Client addresses at limits.connections_per_ip (limit="connections") or limits.concurrent_logins_per_ip (limit="logins"), counted over all workers',
+    labelNames: ['limit'],
+    registers: [registry],
+    collect() {
+      for (const k of ['connections', 'logins'] as const) this.set({ limit: k }, ledger.atLimit(k));
+    },
+  });
   return registry;
 }
 

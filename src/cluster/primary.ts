@@ -3,9 +3,11 @@ import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from '../admin.js';
 import type { Config } from '../config.js';
 import { removeStaleSocket } from '../lmtp/server.js';
+import { gateLimits } from '../proxy/gate.js';
 import type { Logger } from '../log.js';
 import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
-import { instanceAdminSources, primaryProcessRegistry } from './instance.js';
+import { instanceAdminSources, primaryRegistry } from './instance.js';
+import { IpLedger, type IpDenials } from './ip-limits.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
 
 /** A worker that ran at least this long before it died is restarted at once. */
@@ -57,6 +59,11 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
 
   const slots: SlotLife[] = Array.from({ length: n }, (_, i) => ({ index: i + 1, worker: undefined, state: 'starting', startedAt: 0, quickDeaths: 0, restartTimer: undefined }));
   const asks = new PrimaryAsks(slots);
+  const ipMsg = (d: IpDenials): ToWorker => ({ ms: 'ip', d });
+  const ledger = new IpLedger(gateLimits(cfg), (d) => {
+    const msg = ipMsg(d);
+    for (const s of slots) if (s.worker?.isConnected()) s.worker.send(msg);
+  });
   const bySlot = new Map<Worker, SlotLife>();
   const configJson = JSON.stringify(cfg);
   let stopping = false;
@@ -75,9 +82,11 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
       const m = toPrimary(raw);
       if (!m) return;
       if (m.ms === 'answer') asks.answered(w, m);
+      else if (m.ms === 'ip') ledger.apply(slot.index, m.d);
       else if (m.ms === 'ready') {
         slot.worker = w;
         slot.state = 'ready';
+        w.send(ipMsg(ledger.snapshot()));
         log.info('worker started', { worker: slot.index, pid: w.process.pid });
         if (!started && ++readyCount === n) allReady?.();
       } else if (m.ms === 'failed') {
@@ -90,6 +99,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
       bySlot.delete(w);
       const how = signal ? `killed by ${signal}` : `exited with ${code}`;
       asks.exited(w, `worker ${how}`);
+      ledger.forget(slot.index);
       if (slot.worker === w) slot.worker = undefined;
       if (stopping) {
         slot.state = 'stopped';
@@ -137,7 +147,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
 
   try {
     if (cfg.admin) {
-      admin = await startAdmin(cfg.admin, instanceAdminSources(asks, primaryProcessRegistry()));
+      admin = await startAdmin(cfg.admin, instanceAdminSources(asks, primaryRegistry(ledger)));
       log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
     }
     await new Promise<void>((resolve, reject) => {

@@ -1,7 +1,9 @@
 import { parseConfig, type Config } from '../config.js';
 import type { Logger, LogFields } from '../log.js';
-import type { RunningServer } from '../server.js';
+import { gateLimits } from '../proxy/gate.js';
+import type { RunningServer, ServerRole } from '../server.js';
 import { toWorker, WorkerAsks, type ToPrimary } from './ask.js';
+import { SharedClientGate } from './ip-limits.js';
 
 /** The environment a worker is forked with: its number and the primary's parsed config. */
 export const WORKER_ENV = 'MAILSPLICE_WORKER';
@@ -51,11 +53,12 @@ export function describeStartError(e: unknown): string {
  * SIGHUP, and close on its word or on SIGTERM/SIGINT (systemd and a terminal's Ctrl-C signal
  * the whole process group, so a worker may hear the stop both ways: it closes once).
  */
-export async function runWorker(cfg: Config, log: Logger, start: (asks: WorkerAsks) => Promise<RunningServer>): Promise<void> {
+export async function runWorker(cfg: Config, log: Logger, start: (role: Required<ServerRole>) => Promise<RunningServer>): Promise<void> {
   const send = (m: ToPrimary): void => {
     if (process.send && process.connected) process.send(m);
   };
   const asks = new WorkerAsks(send);
+  const gate = new SharedClientGate(gateLimits(cfg), (d) => send({ ms: 'ip', d }));
   let server: RunningServer | undefined;
   let closing = false;
   const close = (why: string) => {
@@ -64,7 +67,10 @@ export async function runWorker(cfg: Config, log: Logger, start: (asks: WorkerAs
     log.info('worker stopping', { why });
     if (!server) process.exit(0);
     server.close().then(
-      () => process.exit(0),
+      () => {
+        gate.close();
+        process.exit(0);
+      },
       (e: Error) => {
         log.error('worker close failed', { error: e.message });
         process.exit(1);
@@ -75,6 +81,7 @@ export async function runWorker(cfg: Config, log: Logger, start: (asks: WorkerAs
     const m = toWorker(raw);
     if (!m) return;
     if (m.ms === 'ask') void asks.answer(m);
+    else if (m.ms === 'ip') gate.applyDenials(m.d);
     else if (m.ms === 'reload') server?.reload();
     else close('primary');
   });
@@ -82,7 +89,7 @@ export async function runWorker(cfg: Config, log: Logger, start: (asks: WorkerAs
   process.on('SIGINT', () => close('SIGINT'));
   process.on('SIGHUP', () => server?.reload());
   try {
-    server = await start(asks);
+    server = await start({ worker: asks, gate });
   } catch (e) {
     const failed: ToPrimary = { ms: 'failed', error: describeStartError(e) };
     // Exit once the message has reached the primary (the failed start may leave handles open).

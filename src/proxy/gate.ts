@@ -1,6 +1,12 @@
+import type { Config } from '../config.js';
+
 export interface GateLimits {
   connectionsPerIp: number;
   concurrentLoginsPerIp: number;
+}
+
+export function gateLimits(cfg: Config): GateLimits {
+  return { connectionsPerIp: cfg.limits.connections_per_ip, concurrentLoginsPerIp: cfg.limits.concurrent_logins_per_ip };
 }
 
 /**
