@@ -3,6 +3,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startWorld, type World } from './harness/world.js';
+import { startProxyProcess, type ProxyProcess } from './support/process.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { worldRoutes, writeRoutesFile } from './support/routes.js';
 import { tempDir } from './support/tmp.js';
@@ -14,6 +15,8 @@ import { tempDir } from './support/tmp.js';
 
 let world: World;
 let proxy: TestProxy;
+/** The same routes through `mailsplice serve` with two worker processes (issue 11). */
+let workers: ProxyProcess;
 
 beforeAll(async () => {
   world = await startWorld();
@@ -21,6 +24,7 @@ beforeAll(async () => {
   const routesFile = join(dir, 'routes.yaml');
   writeRoutesFile(routesFile, worldRoutes(world));
   proxy = await startProxy({ listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }], lookup: { file: routesFile } });
+  workers = await startProxyProcess({ workers: 2, lookup: { file: routesFile } });
   // 4 MiB of lines that differ from each other, so any reordering or reuse shows.
   const lines: string[] = ['From: bulk@example.net', 'Subject: bulk', ''];
   for (let i = 0, size = 0; size < 4 * 1024 * 1024; i++) {
@@ -35,6 +39,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await proxy?.close();
+  await workers?.stop();
   await world?.stop();
 });
 
@@ -160,5 +165,16 @@ describe('splice', () => {
     ]);
     for (const hashes of pop3) for (const h of hashes) expect(h).toBe(reference);
     for (const hashes of imap) for (const h of hashes) expect(h).toBe(imapReference);
+  });
+
+  it('delivers IMAP bulk data intact through a proxy with two worker processes (the new byte path in each worker)', async () => {
+    const [reference] = await fetchBodies(world.slotA.host, world.slotA.imap, 1, false);
+    const results = await Promise.all([
+      fetchBodies('127.0.0.1', workers.port, 2, false),
+      fetchBodies('127.0.0.1', workers.port, 2, false),
+      fetchBodies('127.0.0.1', workers.port, 2, true),
+      fetchBodies('127.0.0.1', workers.port, 2, true),
+    ]);
+    for (const hashes of results) for (const h of hashes) expect(h).toBe(reference);
   });
 });

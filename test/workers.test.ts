@@ -285,7 +285,7 @@ describe('workers: 2 and limits.connections_per_ip', () => {
         held.push(c);
         expect(await c.readLine()).toMatch(/^\* OK /);
       }
-      // The workers' counts reach the primary within a few ms; it then holds the address.
+      // The workers' counts reach the primary within ~20 ms; it then holds the address.
       await waitFor('the address at the limit', async () => (await metric(proxy, /^mailsplice_client_addresses_at_limit\{limit="connections"\}/)) === 1);
       // Counted per worker, these would mostly be let in (4 connections over 2 workers leave
       // each worker below 4). Every one is turned away, whichever worker takes it.

@@ -6,6 +6,9 @@
 // per login, the primary's share of it, and how the logins spread over the workers.
 //
 //   npm run build && node --import tsx bench/tools/cluster-sched.ts [--workers 2] [--runs 5] [--seconds 4] [--concurrency 16]
+//
+// To compare two builds with one policy: copy dist/ aside inside the repo (cp -r dist .tmp/dist-a),
+// change and build again, then --policies none:.tmp/dist-a/cli.js,none:dist/cli.js
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -50,10 +53,11 @@ async function main(): Promise<void> {
   try {
     const { fake, users, routes } = await startFakeWorld(tmp, 50, 'u');
     const proxies: { policy: string; port: number; adminPort: number; pid: number; child: ReturnType<typeof spawnTracked>['child']; rows: Row[] }[] = [];
-    for (const policy of values.policies!.split(',')) {
+    for (const variant of values.policies!.split(',')) {
+      const [policy = 'none', cli = 'dist/cli.js'] = variant.split(':');
       const port = await freePort();
       const adminPort = await freePort();
-      const config = join(tmp, `ms-${policy}.yaml`);
+      const config = join(tmp, `ms-${proxies.length}.yaml`);
       writeFileSync(
         config,
         stringify({
@@ -67,10 +71,10 @@ async function main(): Promise<void> {
       );
       // node:cluster reads its policy from the environment when the primary loads it.
       process.env.NODE_CLUSTER_SCHED_POLICY = policy;
-      const { child, output } = spawnTracked(process.execPath, [resolve('dist/cli.js'), 'serve', '--config', config]);
+      const { child, output } = spawnTracked(process.execPath, [resolve(cli), 'serve', '--config', config]);
       for (let t = 0; t < 400 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
       if (!output().includes('"mailsplice started"')) throw new Error(`mailsplice (${policy}) did not start: ${output()}`);
-      proxies.push({ policy, port, adminPort, pid: child.pid!, child, rows: [] });
+      proxies.push({ policy: variant, port, adminPort, pid: child.pid!, child, rows: [] });
     }
     const job = (port: number, seconds: number) => ({ mode: 'logins' as const, host: '127.0.0.1', port, users, concurrency: Number(values.concurrency), maxCount: 200_000, maxSeconds: seconds, hardStopSeconds: seconds + 60 });
     for (const p of proxies) await runLogins(await loadedWorker(), job(p.port, 2)); // warm-up
