@@ -62,21 +62,20 @@ async function serve(argv: string[]): Promise<void> {
   const log = createLogger(cfg.log.level);
   for (const w of warnings) log.warn('unsafe setting', { setting: w });
   const workers = workerCount(cfg.workers);
-  // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
-  let server: { reload(): void; close(): Promise<void> };
-  if (workers > 1) {
-    const { startPrimary } = await import('./cluster/primary.js');
-    server = await startPrimary(cfg, log, workers);
-  } else {
-    const { startServer } = await import('./server.js');
-    server = await startServer(cfg, log);
-  }
-  process.on('SIGHUP', () => server.reload());
+  // Signals are handled from the start: with workers the first ones listen (and may be
+  // signalled) before the last is ready, and SIGHUP's default action would kill the primary.
+  let server: { reload(): void; close(): Promise<void> } | undefined;
+  let reloadPending = false;
+  process.on('SIGHUP', () => {
+    if (server) server.reload();
+    else reloadPending = true;
+  });
   let stopping = false;
   const stop = (signal: string) => {
     if (stopping) process.exit(1); // a second signal: don't wait
     stopping = true;
     log.info('stopping', { signal });
+    if (!server) process.exit(0); // still starting: nothing is being served yet
     server.close().then(
       () => process.exit(0),
       () => process.exit(1),
@@ -84,6 +83,15 @@ async function serve(argv: string[]): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
+  if (workers > 1) {
+    const { startPrimary } = await import('./cluster/primary.js');
+    server = await startPrimary(cfg, log, workers);
+  } else {
+    const { startServer } = await import('./server.js');
+    server = await startServer(cfg, log);
+  }
+  if (reloadPending) server.reload();
   log.info('mailsplice started', { config: file, version: version(), lookup: cfg.lookup.redis ? 'redis' : 'file', workers });
 }
 

@@ -70,6 +70,8 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
   let started = false;
   let failStart: ((e: Error) => void) | undefined;
   let readyCount = 0;
+  /** When the last SIGHUP came: a worker forked before it and ready after it still gets it. */
+  let reloadAt = 0;
   let allReady: (() => void) | undefined;
 
   const fork = (slot: SlotLife) => {
@@ -87,6 +89,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
         slot.worker = w;
         slot.state = 'ready';
         w.send(ipMsg(ledger.snapshot()));
+        if (slot.startedAt <= reloadAt) w.send({ ms: 'reload' } satisfies ToWorker);
         log.info('worker started', { worker: slot.index, pid: w.process.pid });
         if (!started && ++readyCount === n) allReady?.();
       } else if (m.ms === 'failed') {
@@ -168,6 +171,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     admin,
     slots,
     reload() {
+      reloadAt = Date.now();
       const msg: ToWorker = { ms: 'reload' };
       for (const s of slots) if (s.worker?.isConnected()) s.worker.send(msg);
       log.info('reload sent to workers', { workers: slots.filter((s) => s.worker).length });
