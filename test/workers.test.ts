@@ -214,7 +214,20 @@ describe('workers: 2 with the Redis lookup', () => {
       return x.status === 200 && w?.pid !== undefined && w.pid !== victim.pid && w.down === undefined && x;
     });
     expect(after.workers.find((w) => w.worker === survivor.worker)!.pid).toBe(survivor.pid);
-    expect(proxy.log()).toMatch(new RegExp(`"msg":"worker died; restarting it","worker":${victim.worker},"pid":${victim.pid},"how":"killed by SIGKILL"`));
+    const delay = (pid: number) => Number(new RegExp(`"msg":"worker died; restarting it","worker":${victim.worker},"pid":${pid},"how":"killed by SIGKILL","lived_ms":\\d+,"restart_in_ms":(\\d+)`).exec(proxy.log())?.[1]);
+    const firstDelay = delay(victim.pid);
+    expect(firstDelay).toBeGreaterThanOrEqual(0);
+    // Dying again within seconds of its start is a crash loop: the next start waits.
+    const second = after.workers.find((w) => w.worker === victim.worker)!.pid;
+    process.kill(second, 'SIGKILL');
+    const back = await waitFor('the worker back after a delay', async () => {
+      const x = await health(proxy);
+      const w = x.workers.find((y) => y.worker === victim.worker);
+      return x.status === 200 && w?.pid !== undefined && w.pid !== second && w.down === undefined && x;
+    });
+    // 0 after a worker that had run 10 s, then 500 ms, 1 s, 2 s ... while they keep dying young.
+    expect(delay(second)).toBe(Math.max(500, 2 * firstDelay));
+    expect(back.workers.find((w) => w.worker === survivor.worker)!.pid).toBe(survivor.pid);
     // Logins work on both again (the restarted one included).
     sessions.push(...(await onEveryWorker(proxy, 'alice@example.com', 'alicepw', 1)).sessions);
   });

@@ -31,12 +31,18 @@ export async function startMailsplice(opts: {
   nodeArgs?: string[];
   /** The built CLI to run; dist/cli.js by default (another build to compare: bench --cli). */
   cli?: string;
+  /**
+   * Worker processes (config `workers`); 1 by default, one process as the bench has always
+   * measured. With more, the proxy's CPU is the whole process tree's (treeCpu), not the pid's.
+   */
+  workers?: number | 'auto';
 }): Promise<Mailsplice> {
   mkdirSync(opts.dir, { recursive: true });
   const configFile = join(opts.dir, `${opts.name}.yaml`);
   writeFileSync(
     configFile,
     stringify({
+      workers: opts.workers ?? 1,
       listeners: [{ protocol: 'imap', address: '127.0.0.1', port: opts.port }],
       lookup: opts.lookup,
       // The load comes from one address: lift the per-IP limits, nothing else.

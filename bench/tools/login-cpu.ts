@@ -48,7 +48,7 @@ async function main(): Promise<void> {
     for (const [i, cli] of values.cli!.entries()) {
       const port = await freePort();
       const config = join(tmp, `ms${i}.yaml`);
-      writeFileSync(config, stringify({ listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
+      writeFileSync(config, stringify({ workers: 1, listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
       const [path = '', ...own] = cli.split(/\s+/);
       const { child, output } = spawnTracked(process.execPath, [...nodeArgs, ...own, resolve(path), 'serve', '--config', config]);
       for (let t = 0; t < 200 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
