@@ -5,7 +5,7 @@
 //        [--login-seconds 10] [--login-max 60000] [--concurrency 24] [--rounds 3]
 //        [--fetch-seconds 8] [--fetch-sessions 4] [--idle-sessions 2000]
 //        [--failover-sessions 10000] [--dovecot-login performance|security]
-//        [--targets direct,mailsplice,nginx-w1,nginx-auto]   (for logins and fetch)
+//        [--targets direct,mailsplice,mailsplice-auto,nginx-w1,nginx-auto,dovecot-proxy]   (for logins and fetch)
 //        [--node-options='--max-semi-space-size=1 ...']  (extra node options for every mailsplice)
 //        [--results NAME]   (bench/results/NAME.json and NAME.md; default latest)
 //        [--cli PATH]   (another build of mailsplice's dist/cli.js, to compare; inside the repo)
@@ -26,16 +26,17 @@ import { startDovecotSlot, type DovecotSlot } from '../test/harness/dovecot.js';
 import { freePort } from '../test/harness/ports.js';
 import { startRedis, type RedisServer } from '../test/harness/redis.js';
 import type { Job } from './load/worker.js';
+import { startDovecotProxy, type DovecotProxy } from './lib/dovecot-proxy.js';
 import { startMailsplice, type Mailsplice } from './lib/mailsplice.js';
 import { nginxUnavailable, nginxVersion, startNginx, type Nginx } from './lib/nginx.js';
-import { cpuTimes, forkTs, killAll, machineCpu, nextMessage, rssBytes, setClockTicks, stopChild, treeCpu } from './lib/procs.js';
-import { writeReport, type Results, type LoginFigure, type FetchFigure, type IdleFigure, type FailoverFigure } from './lib/report.js';
+import { cpuTimes, forkTs, killAll, machineCpu, nextMessage, processTree, rssBytes, setClockTicks, stopChild, treeCpu } from './lib/procs.js';
+import { bestFetch, bestLogin, writeReport, type Results, type LoginFigure, type FetchFigure, type IdleFigure, type FailoverFigure } from './lib/report.js';
 import { hold, loadedWorker, runFetch, runLogins, type Holder } from './lib/workers.js';
 
 const { values: argv } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
-    only: { type: 'string', default: 'logins,fetch,idle,failover' },
+    only: { type: 'string', default: 'logins,pop3,fetch,idle,failover' },
     'no-nginx': { type: 'boolean', default: false },
     'login-seconds': { type: 'string' },
     'login-max': { type: 'string', default: '60000' },
@@ -47,7 +48,7 @@ const { values: argv } = parseArgs({
     'failover-sessions': { type: 'string' },
     'dovecot-login': { type: 'string', default: 'performance' },
     'cpu-prof': { type: 'string' },
-    targets: { type: 'string', default: 'direct,mailsplice,nginx-w1,nginx-auto' },
+    targets: { type: 'string', default: 'direct,mailsplice,mailsplice-auto,nginx-w1,nginx-auto,dovecot-proxy' },
     'node-options': { type: 'string' },
     cli: { type: 'string' },
     results: { type: 'string', default: 'latest' },
@@ -75,10 +76,10 @@ const S = {
 const only = new Set(argv.only!.split(','));
 const NODE_OPTIONS = (argv['node-options'] ?? '').split(/\s+/).filter(Boolean);
 const CLI_PATH = argv.cli ? resolve(argv.cli) : undefined;
-const HARD_STOP_MS = 14 * 60_000;
+const HARD_STOP_MS = 30 * 60_000;
 
-// The targets from the brief.
-const TARGETS = { loginsRatio: 0.85, fetchRatio: 0.8, idleBytes: 8 * 1024, failoverMs: 1000 };
+// The targets of issue 11.
+const TARGETS = { loginsRatio: 0.9, pop3Ratio: 0.85, fetchRatio: 0.8, idleBytes: 8 * 1024, failoverMs: 1000 };
 const BAR = { loginsRatio: 0.54, fetchRatio: 0.58, idleBytes: 9.6 * 1024 };
 
 const DOMAIN = 'bench.example';
@@ -127,23 +128,35 @@ interface Target {
   name: string;
   host: string;
   port: number;
-  /** Processes whose CPU time is charged to this target's proxy, with labels. */
-  proxyPids: { label: string; pid: number }[];
+  /** The target's POP3 port, where it has one. */
+  pop3?: number;
+  /** Processes whose CPU time is charged to this target's proxy, with labels; `tree`: with all its children (workers, Dovecot's processes). */
+  proxyPids: { label: string; pid: number; tree?: boolean }[];
+}
+
+/** CPU seconds so far of one of a target's processes (user+system; a tree with everything it reaped). */
+function procCpu(p: Target['proxyPids'][number]): { self: number; system: number } {
+  if (p.tree) return { self: treeCpu(p.pid), system: 0 };
+  const c = cpuTimes(p.pid);
+  return { self: c.self, system: c.system };
 }
 
 function job(mode: Job['mode'], t: Target, users: Job['users'], extra: Partial<Job>): Job {
   return { mode, host: t.host, port: t.port, users, concurrency: S.concurrency, maxCount: S.loginMax, maxSeconds: S.loginSeconds, hardStopSeconds: 120, ...extra };
 }
 
-async function measureLogins(t: Target, dovecot: number, roundNo: number, seconds = S.loginSeconds, concurrency = S.concurrency): Promise<LoginFigure> {
+async function measureLogins(t: Target, dovecot: number, roundNo: number, seconds = S.loginSeconds, concurrency = S.concurrency, protocol: 'imap' | 'pop3' = 'imap'): Promise<LoginFigure> {
   const w = await loadedWorker();
-  const c0 = t.proxyPids.map((p) => cpuTimes(p.pid));
+  const c0 = t.proxyPids.map(procCpu);
   const d0 = treeCpu(dovecot);
   const m0 = machineCpu();
-  const r = await runLogins(w, job('logins', t, loginUsers, { concurrency, maxSeconds: seconds, hardStopSeconds: seconds + 60 }));
+  const r = await runLogins(
+    w,
+    job(protocol === 'pop3' ? 'pop3-logins' : 'logins', t, loginUsers, { concurrency, maxSeconds: seconds, hardStopSeconds: seconds + 60, ...(protocol === 'pop3' ? { port: t.pop3! } : {}) }),
+  );
   const m1 = machineCpu();
   const d1 = treeCpu(dovecot);
-  const c1 = t.proxyPids.map((p) => cpuTimes(p.pid));
+  const c1 = t.proxyPids.map(procCpu);
   const cpu0 = c0.map((c) => c.self);
   const cpu1 = c1.map((c) => c.self);
   const sys = c1.reduce((a, c, i) => a + c.system - c0[i]!.system, 0);
@@ -152,6 +165,7 @@ async function measureLogins(t: Target, dovecot: number, roundNo: number, second
   t.proxyPids.forEach((p, i) => (proxyCpu[p.label] = us(cpu1[i]! - cpu0[i]!)));
   const fig: LoginFigure = {
     target: t.name,
+    protocol,
     round: roundNo,
     concurrency,
     logins: r.ok,
@@ -165,14 +179,14 @@ async function measureLogins(t: Target, dovecot: number, roundNo: number, second
     machineBusy: round((m1.busy - m0.busy) / (m1.total - m0.total), 3),
     ...(r.firstErrors.length ? { errors: r.firstErrors } : {}),
   };
-  log(`logins ${t.name.padEnd(10)} x${concurrency} round ${roundNo}: ${fig.perSecond}/s (${r.ok} ok, ${r.failed} failed) p50 ${r.latencyMs.p50} ms, cpu/login ${JSON.stringify(fig.cpuMicrosecondsPerLogin)} us (proxy kernel share ${fig.proxySystemShare}), machine busy ${fig.machineBusy}`);
+  log(`${protocol} logins ${t.name.padEnd(15)} x${concurrency} round ${roundNo}: ${fig.perSecond}/s (${r.ok} ok, ${r.failed} failed) p50 ${r.latencyMs.p50} ms, cpu/login ${JSON.stringify(fig.cpuMicrosecondsPerLogin)} us (proxy kernel share ${fig.proxySystemShare}), machine busy ${fig.machineBusy}`);
   if (r.firstErrors.length) log(`  errors: ${r.firstErrors.join(' | ')}`);
   return fig;
 }
 
 async function measureFetch(t: Target, dovecot: number, roundNo: number): Promise<FetchFigure> {
   const w = await loadedWorker();
-  const cpu0 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
+  const cpu0 = t.proxyPids.map((p) => procCpu(p).self);
   const d0 = treeCpu(dovecot);
   const m0 = machineCpu();
   const r = await runFetch(
@@ -181,7 +195,7 @@ async function measureFetch(t: Target, dovecot: number, roundNo: number): Promis
   );
   const m1 = machineCpu();
   const d1 = treeCpu(dovecot);
-  const cpu1 = t.proxyPids.map((p) => cpuTimes(p.pid).self);
+  const cpu1 = t.proxyPids.map((p) => procCpu(p).self);
   const mib = r.bytes / (1 << 20);
   const perGiB = (sec: number) => (mib ? round((sec / mib) * 1024, 2) : 0);
   const fig: FetchFigure = {
@@ -204,7 +218,15 @@ async function measureFetch(t: Target, dovecot: number, roundNo: number): Promis
 }
 
 /** Opens N idle sessions through a proxy in two halves and reads the proxy's memory. */
-async function measureIdle(name: string, t: Target, memPid: () => number, heap?: () => Promise<number | undefined>): Promise<IdleFigure> {
+async function measureIdle(name: string, t: Target, memPids: () => number[], heap?: () => Promise<number | undefined>): Promise<IdleFigure> {
+  // Every process of the proxy (mailsplice's workers, Dovecot's login processes), summed.
+  const rss = () => memPids().reduce((a, pid) => {
+    try {
+      return a + rssBytes(pid);
+    } catch {
+      return a; // exited meanwhile
+    }
+  }, 0);
   const n = S.idleSessions;
   const half = Math.floor(n / 2);
   const holdJob = (count: number): Job => job('hold', t, idleUsers, { concurrency: 32, maxCount: count, maxSeconds: 60, hardStopSeconds: 180 });
@@ -212,16 +234,16 @@ async function measureIdle(name: string, t: Target, memPid: () => number, heap?:
   const warm = await hold(holdJob(200));
   await warm.release();
   await sleep(2000);
-  const rss0 = rssBytes(memPid());
+  const rss0 = rss();
   const heap0 = heap ? await heap() : undefined;
   const holders: Holder[] = [];
   try {
     holders.push(await hold(holdJob(half)));
     await sleep(3000);
-    const rss1 = rssBytes(memPid());
+    const rss1 = rss();
     holders.push(await hold(holdJob(n - half)));
     await sleep(3000);
-    const rss2 = rssBytes(memPid());
+    const rss2 = rss();
     const heap2 = heap ? await heap() : undefined;
     const opened = holders.reduce((a, h) => a + h.ready.opened, 0);
     const failed = holders.reduce((a, h) => a + h.ready.failed, 0);
@@ -235,17 +257,13 @@ async function measureIdle(name: string, t: Target, memPid: () => number, heap?:
       marginalBytesPerSession: Math.round((rss2 - rss1) / Math.max(1, holders[1]!.ready.opened)),
       ...(heap0 !== undefined && heap2 !== undefined ? { heapUsedBytesPerSession: Math.round((heap2 - heap0) / opened) } : {}),
     };
-    log(`idle   ${name.padEnd(10)}: ${opened} sessions (${failed} failed), RSS ${fig.rssBeforeMiB} -> ${fig.rssAfterMiB} MiB = ${fig.bytesPerSession} B/session (marginal ${fig.marginalBytesPerSession})${fig.heapUsedBytesPerSession !== undefined ? `, heap used ${fig.heapUsedBytesPerSession} B/session` : ''}`);
+    log(`idle   ${name.padEnd(15)}: ${opened} sessions (${failed} failed), RSS ${fig.rssBeforeMiB} -> ${fig.rssAfterMiB} MiB = ${fig.bytesPerSession} B/session (marginal ${fig.marginalBytesPerSession})${fig.heapUsedBytesPerSession !== undefined ? `, heap used ${fig.heapUsedBytesPerSession} B/session` : ''}`);
     const errs = holders.flatMap((h) => h.ready.firstErrors);
     if (errs.length) log(`  errors: ${errs.join(' | ')}`);
     return fig;
   } finally {
     await Promise.all(holders.map((h) => h.release()));
   }
-}
-
-function best<T extends { perSecond?: number; mibPerSecond?: number }>(list: T[], key: 'perSecond' | 'mibPerSecond'): T | undefined {
-  return list.reduce<T | undefined>((b, x) => (b === undefined || (x[key] ?? 0) > (b[key] ?? 0) ? x : b), undefined);
 }
 
 async function main(): Promise<void> {
@@ -307,7 +325,9 @@ async function main(): Promise<void> {
         ? // Dovecot's documented high-performance mode: login processes serve many connections,
           // and imap processes are reused for later sessions (all users share one uid here).
           'service imap-login {\n  service_count = 0\n  process_min_avail = 2\n  client_limit = 4000\n}\n' +
-          'service imap {\n  service_count = 10000\n  process_min_avail = 32\n}\n'
+          'service imap {\n  service_count = 10000\n  process_min_avail = 32\n}\n' +
+          'service pop3-login {\n  service_count = 0\n  process_min_avail = 2\n  client_limit = 4000\n}\n' +
+          'service pop3 {\n  service_count = 10000\n  process_min_avail = 16\n}\n'
         : 'service imap-login {\n  process_limit = 2000\n}\n';
     const slot = await startDovecotSlot({
       id: 'bench',
@@ -339,14 +359,15 @@ async function main(): Promise<void> {
       stringify({
         users,
         stores: { dove: { master: 'dove1', epoch: 1 }, idle: { master: 'fake1', epoch: 1 } },
-        slots: { dove1: { host: slot.host, imap: slot.imap }, fake1: { host: oldMaster.host, imap: oldMaster.port } },
+        slots: { dove1: { host: slot.host, imap: slot.imap, pop3: slot.pop3, lmtp: slot.lmtp }, fake1: { host: oldMaster.host, imap: oldMaster.port } },
       }),
     );
-    const startMs = async (name: string, lookup: Record<string, unknown>, nodeArgs?: string[]): Promise<Mailsplice> => {
-      const m = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), adminPort: await freePort(), lookup, nodeArgs: [...NODE_OPTIONS, ...(nodeArgs ?? [])], cli: CLI_PATH });
+    const startMs = async (name: string, lookup: Record<string, unknown>, nodeArgs?: string[], workers: number | 'auto' = 1): Promise<Mailsplice> => {
+      const m = await startMailsplice({ dir: join(tmp, name), name, port: await freePort(), pop3: await freePort(), adminPort: await freePort(), lookup, workers, nodeArgs: [...NODE_OPTIONS, ...(nodeArgs ?? [])], cli: CLI_PATH });
       stops.push(() => m.stop());
       return m;
     };
+    const msTarget = (m: Mailsplice, name: string): Target => ({ name, host: '127.0.0.1', port: m.port, pop3: m.pop3, proxyPids: [{ label: name, pid: m.pid, tree: true }] });
 
     // ---- nginx and its auth_http service ------------------------------------------------
     let auth: { pid: number; port: number } | undefined;
@@ -355,14 +376,14 @@ async function main(): Promise<void> {
       if (!auth) {
         const a = forkTs('servers/nginx-auth.ts', [String(HARD_STOP_MS / 1000)]);
         stops.push(() => stopChild(a));
-        const routes: [string, string, number][] = [
-          ...[...loginUsers, ...fetchUsers].map((u): [string, string, number] => [u.name, slot.host, slot.imap]),
+        const routes: [string, string, number, number?][] = [
+          ...[...loginUsers, ...fetchUsers].map((u): [string, string, number, number] => [u.name, slot.host, slot.imap, slot.pop3]),
           ...idleUsers.map((u): [string, string, number] => [u.name, oldMaster.host, oldMaster.port]),
         ];
         a.send({ users: routes });
         auth = await nextMessage(a, (m) => ((m as { type?: string }).type === 'listening' ? (m as { pid: number; port: number }) : undefined), 30_000, 'nginx auth service');
       }
-      const nx = await startNginx({ dir: join(tmp, name), port: await freePort(), authPort: auth.port, workers });
+      const nx = await startNginx({ dir: join(tmp, name), port: await freePort(), pop3: await freePort(), authPort: auth.port, workers });
       stops.push(() => nx.stop());
       nginxes.push(nx);
       return nx;
@@ -371,18 +392,48 @@ async function main(): Promise<void> {
       name,
       host: '127.0.0.1',
       port: nx.port,
+      pop3: nx.pop3,
       proxyPids: [...nx.workerPids().map((pid, i) => ({ label: `nginx worker ${i + 1}`, pid })), { label: 'auth_http service', pid: auth!.pid }],
     });
 
-    if (only.has('logins') || only.has('fetch')) {
+    // ---- Dovecot's own proxy, its passdb from the same routes -----------------------------
+    const startDp = async (name: string): Promise<DovecotProxy> => {
+      const dp = await startDovecotProxy({
+        dir: join(tmp, name),
+        routes: [
+          ...[...loginUsers, ...fetchUsers].map((u) => ({ login: u.name, host: slot.host, imap: slot.imap, pop3: slot.pop3, lmtp: slot.lmtp })),
+          ...idleUsers.map((u) => ({ login: u.name, host: oldMaster.host, imap: oldMaster.port })),
+        ],
+      });
+      stops.push(() => dp.stop());
+      return dp;
+    };
+    const dpTarget = (dp: DovecotProxy): Target => ({ name: 'dovecot-proxy', host: dp.host, port: dp.imap, pop3: dp.pop3, proxyPids: [{ label: 'dovecot proxy', pid: dp.pid, tree: true }] });
+
+    const want = new Set(argv.targets!.split(','));
+    if (only.has('logins') || only.has('pop3') || only.has('fetch')) {
       const prof = argv['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${resolve(argv['cpu-prof'])}`] : undefined;
       if (prof) results.notes.push('mailsplice ran with --cpu-prof: its figures include the profiler overhead');
-      const ms = await startMs('mailsplice', { file: routesFile }, prof);
-      const want = new Set(argv.targets!.split(','));
-      const targets: Target[] = [direct, { name: 'mailsplice', host: '127.0.0.1', port: ms.port, proxyPids: [{ label: 'mailsplice', pid: ms.pid }] }];
+      const started: { stop(): Promise<void> }[] = [];
+      const targets: Target[] = [{ ...direct, pop3: slot.pop3 }];
+      if (want.has('mailsplice')) {
+        const ms = await startMs('mailsplice', { file: routesFile }, prof, 1);
+        started.push(ms);
+        targets.push(msTarget(ms, 'mailsplice'));
+      }
+      if (want.has('mailsplice-auto')) {
+        const ms = await startMs('mailsplice-auto', { file: routesFile }, prof, 'auto');
+        started.push(ms);
+        targets.push(msTarget(ms, 'mailsplice-auto'));
+      }
       if (!nginxWhyNot) {
         if (want.has('nginx-w1')) targets.push(nginxTarget(await startNx(1, 'nginx-w1'), 'nginx-w1'));
         if (want.has('nginx-auto')) targets.push(nginxTarget(await startNx('auto', 'nginx-auto'), 'nginx-auto'));
+      }
+      if (want.has('dovecot-proxy')) {
+        const dp = await startDp('dovecot-proxy');
+        started.push(dp);
+        targets.push(dpTarget(dp));
       }
       targets.splice(0, targets.length, ...targets.filter((t) => want.has(t.name)));
 
@@ -394,27 +445,39 @@ async function main(): Promise<void> {
         log(`scenario 1b: IMAP logins/s with one connection at a time, ${S.latencySeconds} s per target`);
         for (const t of targets) results.logins.push(await measureLogins(t, dovecot, 1, S.latencySeconds, 1));
       }
+      if (only.has('pop3')) {
+        log(`scenario 1c: POP3 logins/s (USER, PASS, QUIT), ${S.concurrency} connections, ${S.loginSeconds} s per run, best of ${S.rounds}`);
+        for (const t of targets) await measureLogins(t, dovecot, 0, Math.min(2, S.loginSeconds), S.concurrency, 'pop3'); // warm-up
+        for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.logins.push(await measureLogins(t, dovecot, r, S.loginSeconds, S.concurrency, 'pop3'));
+      }
       if (only.has('fetch')) {
         log(`scenario 2: FETCH 1 MiB, ${S.fetchSessions} sessions, ${S.fetchSeconds} s per run, best of ${S.rounds}`);
         for (let r = 1; r <= S.rounds; r++) for (const t of targets) results.fetch.push(await measureFetch(t, dovecot, r));
       }
       // Free the CPUs and ports before the next scenarios.
-      await ms.stop();
+      for (const x of started) await x.stop();
       for (const nx of nginxes.splice(0)) await nx.stop();
     }
 
     if (only.has('idle')) {
       log(`scenario 3: idle session memory, ${S.idleSessions} sessions through each proxy (backend: the fake IMAP server)`);
-      const ms = await startMs('mailsplice-idle', { file: routesFile });
-      const msTarget: Target = { name: 'mailsplice', host: '127.0.0.1', port: ms.port, proxyPids: [] };
-      results.idle.push(await measureIdle('mailsplice', msTarget, () => ms.pid, () => ms.metric('mailsplice_process_nodejs_heap_size_used_bytes')));
-      await ms.stop();
-      if (!nginxWhyNot) {
+      for (const [name, workers] of [['mailsplice', 1], ['mailsplice-auto', 'auto']] as const) {
+        if (!want.has(name)) continue;
+        const ms = await startMs(`${name}-idle`, { file: routesFile }, undefined, workers);
+        results.idle.push(await measureIdle(name, msTarget(ms, name), () => ms.pids(), () => ms.metric('mailsplice_process_nodejs_heap_size_used_bytes')));
+        await ms.stop();
+      }
+      if (!nginxWhyNot && want.has('nginx-w1')) {
         const nx = await startNx(1, 'nginx-idle');
         const worker = nx.workerPids()[0];
         if (worker === undefined) throw new Error('nginx has no worker process');
-        results.idle.push(await measureIdle('nginx-w1', nginxTarget(nx, 'nginx-w1'), () => worker));
+        results.idle.push(await measureIdle('nginx-w1', nginxTarget(nx, 'nginx-w1'), () => [worker]));
         await nx.stop();
+      }
+      if (want.has('dovecot-proxy')) {
+        const dp = await startDp('dovecot-proxy-idle');
+        results.idle.push(await measureIdle('dovecot-proxy', dpTarget(dp), () => processTree(dp.pid)));
+        await dp.stop();
       }
     }
 
@@ -434,34 +497,46 @@ async function main(): Promise<void> {
 }
 
 function summarize(results: Results): void {
-  const bestOf = (list: LoginFigure[], t: string, c = S.concurrency) => best(list.filter((x) => x.target === t && x.concurrency === c), 'perSecond');
-  const bestF = (list: FetchFigure[], t: string) => best(list.filter((x) => x.target === t), 'mibPerSecond');
-  const ld = bestOf(results.logins, 'direct');
-  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
-    const x = bestOf(results.logins, t);
-    if (ld && x) results.ratios[`logins ${t}`] = round(x.perSecond / ld.perSecond);
-  }
-  const l1 = bestOf(results.logins, 'direct', 1);
-  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
-    const x = bestOf(results.logins, t, 1);
-    if (l1 && x) results.ratios[`logins x1 ${t}`] = round(x.perSecond / l1.perSecond);
-  }
-  const fd = bestF(results.fetch, 'direct');
-  for (const t of ['mailsplice', 'nginx-w1', 'nginx-auto']) {
-    const x = bestF(results.fetch, t);
-    if (fd && x) results.ratios[`fetch ${t}`] = round(x.mibPerSecond / fd.mibPerSecond);
+  const PROXIES = ['mailsplice', 'mailsplice-auto', 'nginx-w1', 'nginx-auto', 'dovecot-proxy'];
+  const ratio = (x: number | undefined, d: number | undefined) => (x !== undefined && d ? round(x / d) : undefined);
+  for (const t of PROXIES) {
+    const put = (k: string, v: number | undefined) => v !== undefined && (results.ratios[k] = v);
+    put(`logins ${t}`, ratio(bestLogin(results, t, 'imap', S.concurrency)?.perSecond, bestLogin(results, 'direct', 'imap', S.concurrency)?.perSecond));
+    put(`logins x1 ${t}`, ratio(bestLogin(results, t, 'imap', 1)?.perSecond, bestLogin(results, 'direct', 'imap', 1)?.perSecond));
+    put(`pop3 ${t}`, ratio(bestLogin(results, t, 'pop3', S.concurrency)?.perSecond, bestLogin(results, 'direct', 'pop3', S.concurrency)?.perSecond));
+    put(`fetch ${t}`, ratio(bestFetch(results, t)?.mibPerSecond, bestFetch(results, 'direct')?.mibPerSecond));
   }
   const pass = results.pass;
-  const lr = results.ratios['logins mailsplice'];
-  if (lr !== undefined) pass.logins = { value: lr, target: `>= ${TARGETS.loginsRatio}x direct`, met: lr >= TARGETS.loginsRatio };
-  const fr = results.ratios['fetch mailsplice'];
-  if (fr !== undefined) pass.fetch = { value: fr, target: `>= ${TARGETS.fetchRatio}x direct`, met: fr >= TARGETS.fetchRatio };
+  // The best of mailsplice's two runs (1 worker, auto) is held against each target.
+  const bestOfMs = (k: string) => Math.max(...['mailsplice', 'mailsplice-auto'].map((t) => results.ratios[`${k} ${t}`] ?? -1));
+  const lr = bestOfMs('logins');
+  if (lr >= 0) pass.logins = { value: lr, target: `>= ${TARGETS.loginsRatio}x direct`, met: lr >= TARGETS.loginsRatio };
+  const pr = bestOfMs('pop3');
+  if (pr >= 0) pass.pop3 = { value: pr, target: `>= ${TARGETS.pop3Ratio}x direct`, met: pr >= TARGETS.pop3Ratio };
+  const fr = bestOfMs('fetch');
+  if (fr >= 0) pass.fetch = { value: fr, target: `>= ${TARGETS.fetchRatio}x direct`, met: fr >= TARGETS.fetchRatio };
+  const msCpu = bestFetch(results, 'mailsplice')?.proxyCpuSecondsPerGiB;
+  const dpCpu = bestFetch(results, 'dovecot-proxy')?.proxyCpuSecondsPerGiB;
+  if (msCpu !== undefined && dpCpu !== undefined) pass.fetchCpu = { value: msCpu, target: `<= Dovecot proxy's ${dpCpu} s/GiB`, met: msCpu <= dpCpu };
   const idle = results.idle.find((x) => x.target === 'mailsplice');
-  if (idle) pass.idle = { value: idle.bytesPerSession, target: `< ${TARGETS.idleBytes} bytes/session`, met: idle.bytesPerSession < TARGETS.idleBytes };
+  if (idle) pass.idle = { value: idle.bytesPerSession, target: `<= ${TARGETS.idleBytes} bytes/session`, met: idle.bytesPerSession <= TARGETS.idleBytes };
   const fo = results.failover;
   if (fo) {
     const ok = fo.lastByeMs !== undefined && fo.lastByeMs <= TARGETS.failoverMs && fo.byes === fo.sessions && fo.sessions >= S.failoverSessions;
     pass.failover = { value: fo.lastByeMs ?? -1, target: `${S.failoverSessions} sessions ended <= ${TARGETS.failoverMs} ms after the publish`, met: ok };
+  }
+  // With workers, ahead of nginx (auto) on every figure both have.
+  const behind: string[] = [];
+  for (const k of ['logins', 'pop3', 'fetch']) {
+    const a = results.ratios[`${k} mailsplice-auto`];
+    const b = results.ratios[`${k} nginx-auto`];
+    if (a !== undefined && b !== undefined && a < b) behind.push(`${k} ${a}x < ${b}x`);
+  }
+  const ia = results.idle.find((x) => x.target === 'mailsplice-auto');
+  const ni = results.idle.find((x) => x.target === 'nginx-w1');
+  if (ia && ni && ia.bytesPerSession > ni.bytesPerSession) behind.push(`idle ${ia.bytesPerSession} B > nginx ${ni.bytesPerSession} B`);
+  if (['logins', 'fetch'].some((k) => results.ratios[`${k} mailsplice-auto`] !== undefined && results.ratios[`${k} nginx-auto`] !== undefined)) {
+    pass.workersAheadOfNginx = { value: behind.length, target: behind.length ? `behind on: ${behind.join('; ')}` : 'ahead on every figure measured', met: behind.length === 0 };
   }
 }
 

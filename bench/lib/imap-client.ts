@@ -162,3 +162,31 @@ export async function openSession(host: string, port: number, user: string, pass
     clearTimeout(timer);
   }
 }
+
+/**
+ * One POP3 login on the same line reader (POP3 answers are lines): connect, greeting, USER,
+ * PASS, QUIT, then wait for the server to close.
+ */
+export async function pop3Login(host: string, port: number, user: string, pass: string, timeoutMs: number, localAddress?: string): Promise<void> {
+  const c = await ImapClient.connect(host, port, timeoutMs, localAddress);
+  const timer = setTimeout(() => c.destroy(), timeoutMs);
+  const ok = async (what: string, send?: string): Promise<void> => {
+    const p = c.waitFor(() => true);
+    if (send !== undefined) c.socket.write(`${send}\r\n`);
+    const l = await p;
+    if (!l.startsWith('+OK')) throw new ImapError(`POP3 ${what}: ${l}`);
+  };
+  try {
+    await ok('greeting');
+    await ok('USER', `USER ${user}`);
+    await ok('PASS', `PASS ${pass}`);
+    const closed = new Promise<void>((r) => (c.closed ? r() : c.socket.once('close', () => r())));
+    c.socket.write('QUIT\r\n');
+    await closed;
+  } catch (e) {
+    c.destroy();
+    throw e;
+  } finally {
+    clearTimeout(timer);
+  }
+}

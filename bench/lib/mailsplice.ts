@@ -4,14 +4,18 @@ import type { ChildProcess } from 'node:child_process';
 import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
-import { spawnTracked, stopChild } from './procs.js';
+import { processTree, spawnTracked, stopChild } from './procs.js';
 
 export const CLI = resolve(import.meta.dirname, '../../dist/cli.js');
 
 export interface Mailsplice {
   child: ChildProcess;
+  /** The process started (with workers: the primary; sessions live in its workers). */
   pid: number;
+  /** The process and its workers. */
+  pids(): number[];
   port: number;
+  pop3: number;
   adminPort: number;
   log(): string;
   /** One sample from the admin /metrics endpoint, by metric name (first series). */
@@ -24,6 +28,8 @@ export interface Mailsplice {
 export async function startMailsplice(opts: {
   dir: string;
   port: number;
+  /** A POP3 listener too, on this port. */
+  pop3?: number;
   adminPort: number;
   lookup: Record<string, unknown>;
   name: string;
@@ -43,7 +49,7 @@ export async function startMailsplice(opts: {
     configFile,
     stringify({
       workers: opts.workers ?? 1,
-      listeners: [{ protocol: 'imap', address: '127.0.0.1', port: opts.port }],
+      listeners: [{ protocol: 'imap', address: '127.0.0.1', port: opts.port }, ...(opts.pop3 ? [{ protocol: 'pop3', address: '127.0.0.1', port: opts.pop3 }] : [])],
       lookup: opts.lookup,
       // The load comes from one address: lift the per-IP limits, nothing else.
       limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 },
@@ -80,7 +86,9 @@ export async function startMailsplice(opts: {
   return {
     child,
     pid: child.pid!,
+    pids: () => processTree(child.pid!),
     port: opts.port,
+    pop3: opts.pop3 ?? 0,
     adminPort: opts.adminPort,
     log: output,
     async metric(name) {

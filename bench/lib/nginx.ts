@@ -13,6 +13,7 @@ export const NGINX_MAIL_MODULE = '/usr/lib/nginx/modules/ngx_mail_module.so';
 export interface Nginx {
   child: ChildProcess;
   port: number;
+  pop3: number;
   workers: number | 'auto';
   masterPid: number;
   /** The worker processes (children of the master). */
@@ -36,7 +37,7 @@ export function nginxVersion(): string {
   return `${r.stderr ?? ''}${r.stdout ?? ''}`.trim() || 'unknown';
 }
 
-export async function startNginx(opts: { dir: string; port: number; authPort: number; workers: number | 'auto' }): Promise<Nginx> {
+export async function startNginx(opts: { dir: string; port: number; pop3: number; authPort: number; workers: number | 'auto' }): Promise<Nginx> {
   mkdirSync(opts.dir, { recursive: true });
   const conf = join(opts.dir, 'nginx.conf');
   const errorLog = join(opts.dir, 'error.log');
@@ -60,6 +61,10 @@ mail {
   server {
     listen 127.0.0.1:${opts.port} backlog=4096;
     protocol imap;
+  }
+  server {
+    listen 127.0.0.1:${opts.pop3} backlog=4096;
+    protocol pop3;
   }
 }
 `,
@@ -91,6 +96,7 @@ mail {
   return {
     child,
     port: opts.port,
+    pop3: opts.pop3,
     workers: opts.workers,
     masterPid,
     workerPids: () => childPids(masterPid),

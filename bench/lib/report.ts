@@ -5,6 +5,8 @@ import { join } from 'node:path';
 
 export interface LoginFigure {
   target: string;
+  /** imap (LOGIN, LOGOUT) or pop3 (USER, PASS, QUIT); absent in older results: imap. */
+  protocol?: 'imap' | 'pop3';
   round: number;
   /** Connections the generator kept busy at once. */
   concurrency: number;
@@ -89,7 +91,7 @@ export interface Results {
   idle: IdleFigure[];
   failover: FailoverFigure | undefined;
   ratios: Record<string, number>;
-  pass: Partial<Record<'logins' | 'fetch' | 'idle' | 'failover', Verdict>>;
+  pass: Partial<Record<'logins' | 'pop3' | 'fetch' | 'fetchCpu' | 'idle' | 'failover' | 'workersAheadOfNginx', Verdict>>;
   notes: string[];
 }
 
@@ -97,7 +99,28 @@ function bestBy<T>(list: T[], key: (x: T) => number): T | undefined {
   return list.reduce<T | undefined>((b, x) => (b === undefined || key(x) > key(b) ? x : b), undefined);
 }
 
-const TARGET_NAMES = ['direct', 'mailsplice', 'nginx-w1', 'nginx-auto'];
+const TARGET_NAMES = ['direct', 'mailsplice', 'mailsplice-auto', 'nginx-w1', 'nginx-auto', 'dovecot-proxy'];
+const COLUMN: Record<string, string> = {
+  direct: 'direct',
+  mailsplice: 'mailsplice (1 worker)',
+  'mailsplice-auto': 'mailsplice (auto)',
+  'nginx-w1': 'nginx (1 worker)',
+  'nginx-auto': 'nginx (auto)',
+  'dovecot-proxy': 'Dovecot proxy',
+};
+
+/** The proxy's own CPU per login from a login figure (every process but Dovecot and the generator). */
+export function proxyMicroseconds(f: LoginFigure): number {
+  return Object.entries(f.cpuMicrosecondsPerLogin).reduce((a, [k, v]) => (k === 'dovecot' || k === 'generator' ? a : a + v), 0);
+}
+
+/** Best figure per target: logins of one protocol at one concurrency, or fetches. */
+export function bestLogin(r: Results, target: string, protocol: 'imap' | 'pop3', concurrency: number): LoginFigure | undefined {
+  return bestBy(r.logins.filter((x) => x.target === target && (x.protocol ?? 'imap') === protocol && x.concurrency === concurrency), (x) => x.perSecond);
+}
+export function bestFetch(r: Results, target: string): FetchFigure | undefined {
+  return bestBy(r.fetch.filter((x) => x.target === target), (x) => x.mibPerSecond);
+}
 
 export function summaryMarkdown(r: Results): string {
   const out: string[] = [];
@@ -108,22 +131,38 @@ export function summaryMarkdown(r: Results): string {
   const yes = (v: { met: boolean } | undefined) => (v === undefined ? 'not run' : v.met ? 'MET' : 'MISSED');
   const idleOf = (t: string) => r.idle.find((x) => x.target === t);
   const kib = (b: number | undefined) => (b === undefined ? '-' : `${(b / 1024).toFixed(1)} KiB`);
-  const ratio = (k: string) => (r.ratios[k] === undefined ? '-' : `${r.ratios[k]!.toFixed(2)}x`);
-  out.push('## Summary', '');
-  out.push('| figure | mailsplice | nginx (1 worker) | nginx (auto) | target | bar (nginx, team) | |');
-  out.push('| --- | ---: | ---: | ---: | ---: | ---: | --- |');
-  out.push(`| logins/s vs direct | ${ratio('logins mailsplice')} | ${ratio('logins nginx-w1')} | ${ratio('logins nginx-auto')} | >= ${r.targets.loginsRatio}x | ${r.bar.loginsRatio}x | ${yes(r.pass.logins)} |`);
-  out.push(`| logins/s vs direct, one connection at a time | ${ratio('logins x1 mailsplice')} | ${ratio('logins x1 nginx-w1')} | ${ratio('logins x1 nginx-auto')} | | | |`);
-  out.push(`| FETCH 1 MiB MiB/s vs direct | ${ratio('fetch mailsplice')} | ${ratio('fetch nginx-w1')} | ${ratio('fetch nginx-auto')} | >= ${r.targets.fetchRatio}x | ${r.bar.fetchRatio}x | ${yes(r.pass.fetch)} |`);
-  out.push(`| idle session (RSS growth / sessions) | ${kib(idleOf('mailsplice')?.bytesPerSession)} | ${kib(idleOf('nginx-w1')?.bytesPerSession)} | | < ${kib(r.targets.idleBytes)} | ${kib(r.bar.idleBytes)} | ${yes(r.pass.idle)} |`);
-  out.push(`| idle session, marginal (second half only) | ${kib(idleOf('mailsplice')?.marginalBytesPerSession)} | ${kib(idleOf('nginx-w1')?.marginalBytesPerSession)} | | | | |`);
+  out.push('## Summary (ratios to direct; figures in brackets)', '');
+  const cols = TARGET_NAMES.filter((t) => r.logins.some((x) => x.target === t) || r.fetch.some((x) => x.target === t) || r.idle.some((x) => x.target === t));
+  const busyN = r.settings.concurrency as number;
+  out.push(`| figure | ${cols.map((c) => COLUMN[c]).join(' | ')} | target | |`);
+  out.push(`| --- | ${cols.map(() => '---:').join(' | ')} | --- | --- |`);
+  const cell = (t: string, v: number | undefined, direct: number | undefined, unit: string) =>
+    v === undefined ? '-' : t === 'direct' || direct === undefined ? `${v} ${unit}` : `${(v / direct).toFixed(2)}x (${v})`;
+  const row = (label: string, value: (t: string) => number | undefined, unit: string, target = '', verdict = '') => {
+    const d = value('direct');
+    out.push(`| ${label} | ${cols.map((t) => cell(t, value(t), d, unit)).join(' | ')} | ${target} | ${verdict} |`);
+  };
+  const abs = (label: string, value: (t: string) => string | undefined, target = '', verdict = '') =>
+    out.push(`| ${label} | ${cols.map((t) => value(t) ?? '-').join(' | ')} | ${target} | ${verdict} |`);
+  row(`IMAP logins/s (${busyN} at once)`, (t) => bestLogin(r, t, 'imap', busyN)?.perSecond, '/s', `>= ${r.targets.loginsRatio}x`, yes(r.pass.logins));
+  row('IMAP logins/s (one at a time)', (t) => bestLogin(r, t, 'imap', 1)?.perSecond, '/s');
+  row(`POP3 logins/s (${busyN} at once)`, (t) => bestLogin(r, t, 'pop3', busyN)?.perSecond, '/s', `>= ${r.targets.pop3Ratio}x`, yes(r.pass.pop3));
+  row('FETCH 1 MiB, MiB/s', (t) => bestFetch(r, t)?.mibPerSecond, 'MiB/s', `>= ${r.targets.fetchRatio}x`, yes(r.pass.fetch));
+  abs('proxy CPU per IMAP login', (t) => (t === 'direct' ? undefined : ((f) => (f ? `${proxyMicroseconds(f).toFixed(0)} us` : undefined))(bestLogin(r, t, 'imap', busyN))));
+  abs('proxy CPU per POP3 login', (t) => (t === 'direct' ? undefined : ((f) => (f ? `${proxyMicroseconds(f).toFixed(0)} us` : undefined))(bestLogin(r, t, 'pop3', busyN))));
+  abs('proxy CPU per GiB fetched', (t) => (t === 'direct' ? undefined : ((f) => (f ? `${f.proxyCpuSecondsPerGiB} s` : undefined))(bestFetch(r, t))), "<= Dovecot proxy's", yes(r.pass.fetchCpu));
+  abs('idle session RSS (growth / sessions)', (t) => kib(idleOf(t)?.bytesPerSession), `<= ${kib(r.targets.idleBytes)}`, yes(r.pass.idle));
+  abs('idle session RSS, marginal (second half)', (t) => kib(idleOf(t)?.marginalBytesPerSession));
   const fo = r.failover;
-  out.push(`| failover: publish -> last BYE | ${fo ? `${fo.lastByeMs} ms (${fo.byes}/${fo.sessions})` : '-'} | n/a | n/a | <= ${r.targets.failoverMs} ms | | ${yes(r.pass.failover)} |`);
+  abs('failover: publish -> last BYE', (t) => (t === 'mailsplice' && fo ? `${fo.lastByeMs} ms (${fo.byes}/${fo.sessions})` : undefined), `<= ${r.targets.failoverMs} ms`, yes(r.pass.failover));
+  if (r.pass.workersAheadOfNginx) out.push('', `mailsplice (auto) ahead of nginx (auto) on every figure: **${yes(r.pass.workersAheadOfNginx)}** (${r.pass.workersAheadOfNginx.target})`);
   out.push('');
 
   const busy = r.settings.concurrency as number;
-  const loaded = r.logins.filter((x) => x.concurrency === busy);
-  const single = r.logins.filter((x) => x.concurrency === 1);
+  const imapLogins = r.logins.filter((x) => (x.protocol ?? 'imap') === 'imap');
+  const loaded = imapLogins.filter((x) => x.concurrency === busy);
+  const single = imapLogins.filter((x) => x.concurrency === 1);
+  const pop3 = r.logins.filter((x) => x.protocol === 'pop3');
   if (loaded.length) {
     out.push(`## 1. IMAP logins/s (connect, greeting, LOGIN, LOGOUT, close; ${busy} connections at once)`, '');
     out.push('| target | logins/s (best) | vs direct | p50 ms | p99 ms | proxy CPU us/login | Dovecot CPU us/login | machine busy |');
@@ -136,7 +175,21 @@ export function summaryMarkdown(r: Results): string {
       const cpu = Object.entries(proxy).map(([k, v]) => `${k} ${v}`).join(', ') || '-';
       out.push(`| ${t} | ${b.perSecond} | ${ratio} | ${b.latencyMs.p50} | ${b.latencyMs.p99} | ${cpu} | ${dovecot} | ${b.machineBusy} |`);
     }
-    out.push('', `Target: mailsplice >= ${r.targets.loginsRatio}x direct (nginx bar ${r.bar.loginsRatio}x): **${yes(r.pass.logins)}**`, '');
+    out.push('', `Target: mailsplice >= ${r.targets.loginsRatio}x direct: **${yes(r.pass.logins)}**`, '');
+  }
+  if (pop3.length) {
+    out.push(`### 1c. POP3 logins/s (connect, greeting, USER, PASS, QUIT, close; ${busy} connections at once)`, '');
+    out.push('| target | logins/s (best) | vs direct | p50 ms | p99 ms | proxy CPU us/login | Dovecot CPU us/login | machine busy |');
+    out.push('| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |');
+    for (const t of TARGET_NAMES) {
+      const b = bestBy(pop3.filter((x) => x.target === t), (x) => x.perSecond);
+      if (!b) continue;
+      const { dovecot, generator: _g, ...proxy } = b.cpuMicrosecondsPerLogin;
+      const ratio = t === 'direct' ? '1.00' : (r.ratios[`pop3 ${t}`]?.toFixed(2) ?? '');
+      const cpu = Object.entries(proxy).map(([k, v]) => `${k} ${v}`).join(', ') || '-';
+      out.push(`| ${t} | ${b.perSecond} | ${ratio} | ${b.latencyMs.p50} | ${b.latencyMs.p99} | ${cpu} | ${dovecot} | ${b.machineBusy} |`);
+    }
+    out.push('', `Target: mailsplice >= ${r.targets.pop3Ratio}x direct: **${yes(r.pass.pop3)}**`, '');
   }
   if (single.length) {
     out.push('### 1b. One connection at a time (not CPU-bound: the time a proxy adds to a login)', '');
@@ -160,7 +213,7 @@ export function summaryMarkdown(r: Results): string {
       const ratio = t === 'direct' ? '1.00' : (r.ratios[`fetch ${t}`]?.toFixed(2) ?? '');
       out.push(`| ${t} | ${b.mibPerSecond} | ${ratio} | ${t === 'direct' ? '-' : b.proxyCpuSecondsPerGiB} | ${b.dovecotCpuSecondsPerGiB} | ${b.generatorCpuSecondsPerGiB} | ${b.machineBusy} |`);
     }
-    out.push('', `Target: mailsplice >= ${r.targets.fetchRatio}x direct (nginx bar ${r.bar.fetchRatio}x): **${yes(r.pass.fetch)}**`, '');
+    out.push('', `Target: mailsplice >= ${r.targets.fetchRatio}x direct: **${yes(r.pass.fetch)}**; proxy CPU per GiB no higher than Dovecot's proxy's: **${yes(r.pass.fetchCpu)}**`, '');
   }
   if (r.idle.length) {
     out.push('## 3. Idle session memory (proxy RSS growth / sessions)', '');
@@ -169,7 +222,7 @@ export function summaryMarkdown(r: Results): string {
     for (const x of r.idle) {
       out.push(`| ${x.target} | ${x.sessions} | ${x.rssBeforeMiB} -> ${x.rssAfterMiB} | ${x.bytesPerSession} (${(x.bytesPerSession / 1024).toFixed(1)} KiB) | ${x.marginalBytesPerSession} | ${x.heapUsedBytesPerSession ?? '-'} |`);
     }
-    out.push('', `Target: mailsplice < ${(r.targets.idleBytes! / 1024).toFixed(0)} KiB/session (nginx bar ${(r.bar.idleBytes! / 1024).toFixed(1)} KiB): **${yes(r.pass.idle)}**`, '');
+    out.push('', `Target: mailsplice <= ${(r.targets.idleBytes! / 1024).toFixed(0)} KiB/session: **${yes(r.pass.idle)}**`, '');
   }
   const f = r.failover;
   if (f) {

@@ -2,6 +2,7 @@
 //
 //   logins  connect, greeting, LOGIN, LOGOUT, wait for the server's close; `concurrency`
 //           lanes in parallel until `maxCount` logins were started or `maxSeconds` passed.
+//   pop3-logins  the same with POP3: greeting, USER, PASS, QUIT, wait for the close.
 //   fetch   `concurrency` logged-in sessions, SELECT INBOX, then FETCH 1 BODY.PEEK[] in a
 //           loop until `maxCount` fetches or `maxSeconds`.
 //   hold    opens `maxCount` logged-in sessions and keeps them idle; reports when they are
@@ -11,10 +12,10 @@
 // Every mode stops by itself: the loops check their bounds, and a hard timer ends the
 // process `hardStopSeconds` after it started whatever it is doing.
 
-import { ImapClient, openSession } from '../lib/imap-client.js';
+import { ImapClient, openSession, pop3Login } from '../lib/imap-client.js';
 
 export interface Job {
-  mode: 'logins' | 'fetch' | 'hold';
+  mode: 'logins' | 'pop3-logins' | 'fetch' | 'hold';
   host: string;
   port: number;
   users: { name: string; pass: string }[];
@@ -110,8 +111,12 @@ async function logins(job: Job): Promise<LoginResult> {
   await inLanes(job, t0, async (u, local) => {
     const t = performance.now();
     try {
-      const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
-      await c.logout(TIMEOUT);
+      if (job.mode === 'pop3-logins') {
+        await pop3Login(job.host, job.port, u.name, u.pass, TIMEOUT, local);
+      } else {
+        const c = await openSession(job.host, job.port, u.name, u.pass, TIMEOUT, local);
+        await c.logout(TIMEOUT);
+      }
       ok++;
       latencies.push(performance.now() - t);
     } catch (e) {
@@ -218,7 +223,7 @@ async function main(): Promise<void> {
     process.exit(3);
   }, job.hardStopSeconds * 1000).unref();
   process.on('disconnect', () => process.exit()); // the bench went away, or we are done
-  if (job.mode === 'logins') await send({ type: 'logins', result: await logins(job) });
+  if (job.mode === 'logins' || job.mode === 'pop3-logins') await send({ type: 'logins', result: await logins(job) });
   else if (job.mode === 'fetch') await send({ type: 'fetch', result: await fetch(job) });
   else await hold(job);
   process.disconnect();

@@ -5,7 +5,8 @@
 //
 //   node --import tsx bench/servers/nginx-auth.ts HARD_STOP_SECONDS
 //
-// Receives {users: [login, host, port][]} over IPC, then listens on 127.0.0.1 (free port)
+// Receives {users: [login, host, imapPort, pop3Port?][]} over IPC (nginx says which protocol
+// in Auth-Protocol), then listens on 127.0.0.1 (free port)
 // and answers {type:'listening', port, pid}.
 
 import { createServer } from 'node:http';
@@ -18,9 +19,10 @@ setTimeout(() => {
 }, Number(hardStop) * 1000).unref();
 process.on('disconnect', () => process.exit(0));
 
-const msg = await new Promise<{ users: [string, string, number][] }>((r) => process.once('message', (m) => r(m as { users: [string, string, number][] })));
-const routes = new Map<string, { host: string; port: string }>();
-for (const [login, host, port] of msg.users) routes.set(login.toLowerCase(), { host, port: String(port) });
+type Route = [login: string, host: string, imap: number, pop3?: number];
+const msg = await new Promise<{ users: Route[] }>((r) => process.once('message', (m) => r(m as { users: Route[] })));
+const routes = new Map<string, { host: string; imap: string; pop3: string }>();
+for (const [login, host, imap, pop3] of msg.users) routes.set(login.toLowerCase(), { host, imap: String(imap), pop3: String(pop3 ?? 0) });
 
 let requests = 0;
 const server = createServer((req, res) => {
@@ -28,7 +30,7 @@ const server = createServer((req, res) => {
   const user = decodeURIComponent(String(req.headers['auth-user'] ?? '')).toLowerCase();
   const r = routes.get(user);
   if (r) {
-    res.writeHead(200, { 'Auth-Status': 'OK', 'Auth-Server': r.host, 'Auth-Port': r.port });
+    res.writeHead(200, { 'Auth-Status': 'OK', 'Auth-Server': r.host, 'Auth-Port': req.headers['auth-protocol'] === 'pop3' ? r.pop3 : r.imap });
   } else {
     res.writeHead(200, { 'Auth-Status': 'Invalid login or password', 'Auth-Wait': '1' });
   }
