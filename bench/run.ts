@@ -30,13 +30,13 @@ import { startDovecotProxy, type DovecotProxy } from './lib/dovecot-proxy.js';
 import { startMailsplice, type Mailsplice } from './lib/mailsplice.js';
 import { nginxUnavailable, nginxVersion, startNginx, type Nginx } from './lib/nginx.js';
 import { cpuTimes, forkTs, killAll, machineCpu, nextMessage, processTree, rssBytes, setClockTicks, stopChild, treeCpu } from './lib/procs.js';
-import { bestFetch, bestLogin, writeReport, type Results, type LoginFigure, type FetchFigure, type IdleFigure, type FailoverFigure } from './lib/report.js';
+import { bestFetch, bestLogin, writeReport, type Results, type LoginFigure, type FetchFigure, type IdleFigure, type FailoverFigure, type ScaleFigure } from './lib/report.js';
 import { hold, loadedWorker, runFetch, runLogins, type Holder } from './lib/workers.js';
 
 const { values: argv } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
-    only: { type: 'string', default: 'logins,pop3,fetch,idle,failover' },
+    only: { type: 'string', default: 'logins,pop3,fetch,idle,failover,scale' },
     'no-nginx': { type: 'boolean', default: false },
     'login-seconds': { type: 'string' },
     'login-max': { type: 'string', default: '60000' },
@@ -46,6 +46,8 @@ const { values: argv } = parseArgs({
     'fetch-sessions': { type: 'string', default: '4' },
     'idle-sessions': { type: 'string' },
     'failover-sessions': { type: 'string' },
+    'scale-sessions': { type: 'string' },
+    'scale-workers': { type: 'string', default: '8' },
     'dovecot-login': { type: 'string', default: 'performance' },
     'cpu-prof': { type: 'string' },
     targets: { type: 'string', default: 'direct,mailsplice,mailsplice-auto,nginx-w1,nginx-auto,dovecot-proxy' },
@@ -71,6 +73,8 @@ const S = {
   fetchMax: 100_000,
   idleSessions: num(argv['idle-sessions'], quick ? 500 : 2000, 'idle-sessions'),
   failoverSessions: num(argv['failover-sessions'], quick ? 2000 : 10000, 'failover-sessions'),
+  scaleSessions: num(argv['scale-sessions'], quick ? 4000 : 50000, 'scale-sessions'),
+  scaleWorkers: num(argv['scale-workers'], 8, 'scale-workers'),
   dovecotLogin: argv['dovecot-login'] === 'security' ? ('security' as const) : ('performance' as const),
 };
 const only = new Set(argv.only!.split(','));
@@ -292,6 +296,7 @@ async function main(): Promise<void> {
     fetch: [],
     idle: [],
     failover: undefined,
+    scale: undefined,
     ratios: {},
     pass: {},
     notes: [],
@@ -482,6 +487,7 @@ async function main(): Promise<void> {
     }
 
     if (only.has('failover')) results.failover = await failover(tmp, oldMaster, newMaster, stops);
+    if (only.has('scale')) results.scale = await scale(tmp, stops);
   } finally {
     clearTimeout(hardStop);
     await stopAll();
@@ -524,6 +530,11 @@ function summarize(results: Results): void {
   if (fo) {
     const ok = fo.lastByeMs !== undefined && fo.lastByeMs <= TARGETS.failoverMs && fo.byes === fo.sessions && fo.sessions >= S.failoverSessions;
     pass.failover = { value: fo.lastByeMs ?? -1, target: `${S.failoverSessions} sessions ended <= ${TARGETS.failoverMs} ms after the publish`, met: ok };
+  }
+  const sc = results.scale;
+  if (sc) {
+    const ok = sc.held >= S.scaleSessions && sc.lastByeMs !== undefined && sc.lastByeMs <= TARGETS.failoverMs && sc.byes === sc.storeSessions;
+    pass.scale = { value: sc.lastByeMs ?? -1, target: `${S.scaleSessions} idle sessions held; a store's ${sc.storeSessions} ended <= ${TARGETS.failoverMs} ms after the publish`, met: ok };
   }
   // With workers, ahead of nginx (auto) on every figure both have.
   const behind: string[] = [];
@@ -640,6 +651,120 @@ async function failover(
     return fig;
   } finally {
     await Promise.all(holders.map((h) => h.release()));
+  }
+}
+
+/**
+ * Scenario 5: many idle IMAP sessions on one instance with workers, then one store's failover.
+ * The sandbox caps a process at 20,000 descriptors, so everything is spread: mailsplice runs
+ * `--scale-workers` workers (each holds its share of client and backend sockets), the fake
+ * backend runs one process per store (STORES), and one client process per store opens that
+ * store's sessions from two loopback addresses of its own (ephemeral ports are per source
+ * address). The routes are in Redis; each store has its own slot. The event moves store 0 to
+ * a new slot; only store 0's sessions may end, and the figure is from just before the
+ * MULTI/EXEC to the last of them seeing its `* BYE`.
+ */
+async function scale(tmp: string, stops: (() => Promise<void>)[]): Promise<ScaleFigure> {
+  const STORES = 4;
+  const total = S.scaleSessions;
+  const perStore = Math.ceil(total / STORES);
+  log(`scenario 5: ${total} idle IMAP sessions on one mailsplice with ${S.scaleWorkers} workers (${STORES} stores, fake backends), then store 0 fails over`);
+  const backends: { host: string; port: number }[] = [];
+  let newMaster: { host: string; port: number } | undefined;
+  for (let i = 0; i < STORES; i++) {
+    const addrs = i === 0 ? `127.0.0.${31 + i}:0,127.0.0.39:0` : `127.0.0.${31 + i}:0`;
+    const f = forkTs('servers/fake-imap.ts', [addrs, String(HARD_STOP_MS / 1000)]);
+    stops.push(() => stopChild(f));
+    const got = (await nextMessage(f, (m) => ((m as { type?: string }).type === 'listening' ? (m as { addresses: { host: string; port: number }[] }).addresses : undefined), 30_000, 'fake backend')) as { host: string; port: number }[];
+    backends.push(got[0]!);
+    if (i === 0) newMaster = got[1];
+  }
+  const redis: RedisServer = await startRedis({ dir: join(tmp, 'redis-scale') });
+  stops.push(() => redis.stop());
+  const r = new Redis(redis.url);
+  stops.push(async () => void r.disconnect());
+  const usersOf = (s: number) => Array.from({ length: 250 }, (_, i) => ({ name: `sc${s}-${i}@${DOMAIN}`, pass: 'x' }));
+  const m = r.multi();
+  for (let s = 0; s < STORES; s++) {
+    m.hset(`ms:slot:sc${s}`, { host: backends[s]!.host, imap: String(backends[s]!.port), status: 'up' });
+    m.hset(`ms:store:scale${s}`, { master: `sc${s}`, status: 'active', epoch: '1', ...(s === 0 ? { replicas: 'scnew' } : {}) });
+    for (const u of usersOf(s)) m.hset(`ms:user:${u.name}`, { store: `scale${s}` });
+  }
+  m.hset('ms:slot:scnew', { host: newMaster!.host, imap: String(newMaster!.port), status: 'up' });
+  await m.exec();
+  const ms = await startMailsplice({ dir: join(tmp, 'mailsplice-scale'), name: 'mailsplice-scale', port: await freePort(), adminPort: await freePort(), lookup: { redis: { url: redis.url } }, workers: S.scaleWorkers, nodeArgs: NODE_OPTIONS, cli: CLI_PATH });
+  stops.push(() => ms.stop());
+  const deadline = Date.now() + 20_000;
+  while (!(await ms.health()).lookupLive) {
+    if (Date.now() > deadline) throw new Error('mailsplice (scale) did not subscribe to Redis events');
+    await sleep(100);
+  }
+  const holders: Holder[] = [];
+  try {
+    const t0 = performance.now();
+    const opened = await Promise.all(
+      Array.from({ length: STORES }, (_, s) =>
+        hold({
+          mode: 'hold',
+          host: '127.0.0.1',
+          port: ms.port,
+          users: usersOf(s),
+          concurrency: 48,
+          maxCount: perStore,
+          maxSeconds: 300,
+          hardStopSeconds: 600,
+          localAddresses: [`127.0.0.${50 + 2 * s}`, `127.0.0.${51 + 2 * s}`],
+        }),
+      ),
+    );
+    holders.push(...opened);
+    const openSeconds = (performance.now() - t0) / 1000;
+    const held = holders.reduce((a, h) => a + h.ready.opened, 0);
+    const failedOpen = holders.reduce((a, h) => a + h.ready.failed, 0);
+    const registered = (await ms.health()).sessions;
+    const pids = ms.pids();
+    const rssMiB = round(pids.reduce((a, p) => a + rssBytes(p), 0) / 2 ** 20, 1);
+    log(`  ${held} sessions open in ${round(openSeconds, 1)} s (${failedOpen} failed), ${registered} registered over ${pids.length - 1} workers, RSS ${rssMiB} MiB in all`);
+    const errs = holders.flatMap((h) => h.ready.firstErrors);
+    if (errs.length) log(`  errors: ${errs.join(' | ')}`);
+    await sleep(2000);
+    const cpu0 = treeCpu(ms.pid);
+    const tPublish = hrMs();
+    await r.multi().hset('ms:store:scale0', { master: 'scnew', replicas: 'sc0', epoch: '2' }).publish('ms:events', JSON.stringify({ kind: 'store', id: 'scale0' })).exec();
+    const storeSessions = holders[0]!.ready.opened;
+    let rep0 = await holders[0]!.report();
+    const until = Date.now() + 20_000;
+    while (rep0.stillOpen > 0 && Date.now() < until) {
+      await sleep(100);
+      rep0 = await holders[0]!.report();
+    }
+    const cpu1 = treeCpu(ms.pid);
+    const others = await Promise.all(holders.slice(1).map((h) => h.report()));
+    const times = rep0.byeTimes.map((t) => t - tPublish).sort((a, b) => a - b);
+    const q = (p: number) => (times.length ? round(times[Math.min(times.length - 1, Math.floor((p / 100) * times.length))]!, 1) : undefined);
+    const fig: ScaleFigure = {
+      sessions: total,
+      held,
+      registered,
+      failedToOpen: failedOpen,
+      openSeconds: round(openSeconds, 1),
+      workers: S.scaleWorkers,
+      rssMiB,
+      storeSessions,
+      byes: times.length,
+      closedWithoutBye: rep0.closedWithoutBye,
+      stillOpen: rep0.stillOpen,
+      otherStoresLost: others.reduce((a, x) => a + x.byeTimes.length + x.closedWithoutBye, 0),
+      firstByeMs: q(0),
+      p50ByeMs: q(50),
+      lastByeMs: times.length ? round(times.at(-1)!, 1) : undefined,
+      proxyCpuMs: round((cpu1 - cpu0) * 1000, 0),
+    };
+    log(`  store 0 (${storeSessions} sessions): publish -> last BYE ${fig.lastByeMs} ms (first ${fig.firstByeMs}, p50 ${fig.p50ByeMs}); ${fig.byes} BYEs, ${fig.closedWithoutBye} closed without BYE, ${fig.stillOpen} still open; other stores lost ${fig.otherStoresLost}`);
+    return fig;
+  } finally {
+    await Promise.all(holders.map((h) => h.release()));
+    await ms.stop();
   }
 }
 

@@ -73,6 +73,30 @@ export interface FailoverFigure {
   proxyCpuMs: number[];
 }
 
+export interface ScaleFigure {
+  /** Sessions asked for, held (opened), and registered by the proxy before the event. */
+  sessions: number;
+  held: number;
+  registered: number;
+  failedToOpen: number;
+  openSeconds: number;
+  workers: number;
+  /** RSS of the primary and every worker, summed, with every session held. */
+  rssMiB: number;
+  /** Sessions of the store that failed over (its BYEs are the figure). */
+  storeSessions: number;
+  byes: number;
+  closedWithoutBye: number;
+  stillOpen: number;
+  /** BYEs or closes seen by sessions of the other stores (must be 0). */
+  otherStoresLost: number;
+  firstByeMs: number | undefined;
+  p50ByeMs: number | undefined;
+  lastByeMs: number | undefined;
+  /** CPU of the whole instance from the event to the last BYE (and the polling after it). */
+  proxyCpuMs: number;
+}
+
 export interface Verdict {
   value: number;
   target: string;
@@ -90,8 +114,9 @@ export interface Results {
   fetch: FetchFigure[];
   idle: IdleFigure[];
   failover: FailoverFigure | undefined;
+  scale?: ScaleFigure | undefined;
   ratios: Record<string, number>;
-  pass: Partial<Record<'logins' | 'pop3' | 'fetch' | 'fetchCpu' | 'idle' | 'failover' | 'workersAheadOfNginx', Verdict>>;
+  pass: Partial<Record<'logins' | 'pop3' | 'fetch' | 'fetchCpu' | 'idle' | 'failover' | 'scale' | 'workersAheadOfNginx', Verdict>>;
   notes: string[];
 }
 
@@ -155,6 +180,8 @@ export function summaryMarkdown(r: Results): string {
   abs('idle session RSS, marginal (second half)', (t) => kib(idleOf(t)?.marginalBytesPerSession));
   const fo = r.failover;
   abs('failover: publish -> last BYE', (t) => (t === 'mailsplice' && fo ? `${fo.lastByeMs} ms (${fo.byes}/${fo.sessions})` : undefined), `<= ${r.targets.failoverMs} ms`, yes(r.pass.failover));
+  const sc = r.scale;
+  abs(`${sc?.sessions ?? ''} idle sessions, a store's failover: publish -> last BYE`, (t) => (t === 'mailsplice-auto' && sc ? `${sc.lastByeMs} ms (${sc.byes}/${sc.storeSessions}; ${sc.held} held)` : undefined), `<= ${r.targets.failoverMs} ms`, yes(r.pass.scale));
   if (r.pass.workersAheadOfNginx) out.push('', `mailsplice (auto) ahead of nginx (auto) on every figure: **${yes(r.pass.workersAheadOfNginx)}** (${r.pass.workersAheadOfNginx.target})`);
   out.push('');
 
@@ -232,6 +259,14 @@ export function summaryMarkdown(r: Results): string {
     out.push('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |');
     out.push(`| ${f.firstByeMs} ms | ${f.p50ByeMs} ms | ${f.p99ByeMs} ms | ${f.lastByeMs} ms | ${f.byes} | ${f.closedWithoutBye} | ${f.stillOpen} | ${f.sessionsEndedPerSecond} | ${f.proxyCpuMs.join(', ')} |`);
     out.push('', `Target: ${r.pass.failover?.target}: **${yes(r.pass.failover)}**`, '');
+  }
+  if (sc) {
+    out.push(`## 5. Scale: ${sc.sessions} idle IMAP sessions on one instance (${sc.workers} workers), one store's failover`, '');
+    out.push(`${sc.held} sessions held (${sc.failedToOpen} failed to open, opened in ${sc.openSeconds} s), ${sc.registered} registered; RSS of the instance ${sc.rssMiB} MiB.`, '');
+    out.push('| store sessions | publish -> first BYE | p50 | last BYE | BYEs | closed without BYE | still open | other stores lost | instance CPU ms |');
+    out.push('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |');
+    out.push(`| ${sc.storeSessions} | ${sc.firstByeMs} ms | ${sc.p50ByeMs} ms | ${sc.lastByeMs} ms | ${sc.byes} | ${sc.closedWithoutBye} | ${sc.stillOpen} | ${sc.otherStoresLost} | ${sc.proxyCpuMs} |`);
+    out.push('', `Target: ${r.pass.scale?.target}: **${yes(r.pass.scale)}**`, '');
   }
   if (r.notes.length) out.push('## Notes', '', ...r.notes.map((n) => `- ${n}`), '');
   return out.join('\n');
