@@ -525,7 +525,9 @@ function summarize(results: Results): void {
   const dpCpu = bestFetch(results, 'dovecot-proxy')?.proxyCpuSecondsPerGiB;
   if (msCpu !== undefined && dpCpu !== undefined) pass.fetchCpu = { value: msCpu, target: `<= Dovecot proxy's ${dpCpu} s/GiB`, met: msCpu <= dpCpu };
   const idle = results.idle.find((x) => x.target === 'mailsplice');
-  if (idle) pass.idle = { value: idle.bytesPerSession, target: `<= ${TARGETS.idleBytes} bytes/session`, met: idle.bytesPerSession <= TARGETS.idleBytes };
+  // Issue 11: "at most 8 KiB of RSS each, marginal" (the second half of the sessions; the
+  // growth over all of them, one-off growth included, is reported beside it).
+  if (idle) pass.idle = { value: idle.marginalBytesPerSession, target: `<= ${TARGETS.idleBytes} bytes/session, marginal`, met: idle.marginalBytesPerSession <= TARGETS.idleBytes };
   const fo = results.failover;
   if (fo) {
     const ok = fo.lastByeMs !== undefined && fo.lastByeMs <= TARGETS.failoverMs && fo.byes === fo.sessions && fo.sessions >= S.failoverSessions;

@@ -60,8 +60,8 @@ export function forkTs(file: string, args: string[] = []): ChildProcess {
   return track(c);
 }
 
-export function spawnTracked(cmd: string, args: string[], opts: { cwd?: string } = {}): { child: ChildProcess; output: () => string } {
-  const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+export function spawnTracked(cmd: string, args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}): { child: ChildProcess; output: () => string } {
+  const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'], ...(opts.env ? { env: { ...process.env, ...opts.env } } : {}) });
   track(child);
   let out = '';
   const collect = (d: Buffer) => (out = (out + d.toString()).slice(-65536));

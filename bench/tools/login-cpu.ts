@@ -11,7 +11,9 @@
 //   node --import tsx bench/tools/login-cpu.ts --cli .tmp/dist-a/cli.js --cli dist/cli.js
 // Every build runs as its own process at the same time, and runs alternate between them, so
 // the load other programs put on the machine falls on both alike. A --cli value may carry
-// node options after the path: --cli 'dist/cli.js --max-semi-space-size=1'.
+// node options after the path: --cli 'dist/cli.js --max-semi-space-size=1', and environment
+// settings before it: --cli 'NODE_CLUSTER_SCHED_POLICY=none dist/cli.js'. --workers N runs
+// each build with that many workers (CPU is then the whole process tree's).
 
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -20,7 +22,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { freePort } from '../../test/harness/ports.js';
-import { spawnTracked, stopChild, cpuTimes, killAll, setClockTicks } from '../lib/procs.js';
+import { spawnTracked, stopChild, cpuTimes, killAll, setClockTicks, treeCpu } from '../lib/procs.js';
 import { loadedWorker, runLogins } from '../lib/workers.js';
 import { startFakeWorld } from '../lib/fake-world.js';
 
@@ -32,6 +34,7 @@ const { values } = parseArgs({
     concurrency: { type: 'string', default: '16' },
     'node-options': { type: 'string', default: '' },
     redis: { type: 'string' },
+    workers: { type: 'string', default: '1' },
   },
 });
 setClockTicks(100);
@@ -48,9 +51,11 @@ async function main(): Promise<void> {
     for (const [i, cli] of values.cli!.entries()) {
       const port = await freePort();
       const config = join(tmp, `ms${i}.yaml`);
-      writeFileSync(config, stringify({ workers: 1, listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
-      const [path = '', ...own] = cli.split(/\s+/);
-      const { child, output } = spawnTracked(process.execPath, [...nodeArgs, ...own, resolve(path), 'serve', '--config', config]);
+      writeFileSync(config, stringify({ workers: Number(values.workers), listeners: [{ protocol: 'imap', address: '127.0.0.1', port }], lookup, limits: { connections_per_ip: 20000, concurrent_logins_per_ip: 20000, auth_failures_per_ip_per_minute: 10_000_000 }, log: { level: 'info' } }));
+      const words = cli.split(/\s+/);
+      const env = Object.fromEntries(words.filter((w) => /^[A-Z_]+=/.test(w)).map((w) => [w.slice(0, w.indexOf('=')), w.slice(w.indexOf('=') + 1)]));
+      const [path = '', ...own] = words.filter((w) => !/^[A-Z_]+=/.test(w));
+      const { child, output } = spawnTracked(process.execPath, [...nodeArgs, ...own, resolve(path), 'serve', '--config', config], { env });
       for (let t = 0; t < 200 && !output().includes('"mailsplice started"'); t++) await new Promise((r) => setTimeout(r, 50));
       if (!output().includes('"mailsplice started"')) throw new Error(`mailsplice ${cli} did not start: ${output()}`);
       proxies.push({ cli, port, pid: child.pid!, child, rows: [] });
@@ -60,9 +65,10 @@ async function main(): Promise<void> {
     for (let i = 0; i < Number(values.runs); i++) {
       for (const p of proxies) {
         const w = await loadedWorker();
-        const a = cpuTimes(p.pid);
+        const tree = Number(values.workers) > 1;
+        const a = tree ? { self: treeCpu(p.pid), user: 0, system: 0 } : cpuTimes(p.pid);
         const r = await runLogins(w, job(p.port, Number(values.seconds)));
-        const b = cpuTimes(p.pid);
+        const b = tree ? { self: treeCpu(p.pid), user: 0, system: 0 } : cpuTimes(p.pid);
         const per = (s: number) => (s * 1e6) / r.ok;
         p.rows.push({ us: per(b.self - a.self), user: per(b.user - a.user), sys: per(b.system - a.system), rate: r.ok / r.seconds });
         console.log(`run ${i + 1} ${p.cli}: ${Math.round(r.ok / r.seconds)} logins/s, proxy CPU ${per(b.self - a.self).toFixed(0)} us/login (user ${per(b.user - a.user).toFixed(0)}, system ${per(b.system - a.system).toFixed(0)})${r.failed ? `, ${r.failed} failed: ${r.firstErrors[0]}` : ''}`);
