@@ -335,6 +335,17 @@ const sections = z.strictObject({
        * its login_trusted_networks (list the proxies there) and ignores it from anyone else.
        */
       forward_client_ip: z.boolean().default(true),
+      /**
+       * Backend logins in progress at once per slot (connect to the end of the login
+       * dialogue; LMTP: connect to the envelope's answer). After a failover a store's clients
+       * all log in to the new master in the same second: the excess waits in a short queue.
+       * 0: no bound.
+       */
+      logins_per_slot: z.number().int().nonnegative().default(100),
+      /** Logins that may wait per slot; past it the temporary error (NO [UNAVAILABLE], -ERR [SYS/TEMP], LMTP 451). */
+      login_queue_per_slot: z.number().int().nonnegative().default(500),
+      /** The longest wait in that queue, then the temporary error. */
+      login_queue_timeout_ms: z.number().int().positive().default(5000),
     })
     .prefault({}),
   auth: z.strictObject({ ldap: ldapAuth.optional(), oauth: oauthAuth.optional() }).prefault({}),

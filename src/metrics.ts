@@ -39,6 +39,19 @@ export function createMetrics(ctx: ProxyContext): Registry {
       }
     },
   });
+  const perSlot = (name: string, help: string, counts: Map<string, number>) =>
+    new Counter({
+      name,
+      help,
+      labelNames: ['slot'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [slot, n] of counts) this.inc({ slot }, n);
+      },
+    });
+  perSlot('mailsplice_slot_logins_queued_total', 'Backend logins that waited for a place (backend.logins_per_slot), by slot', ctx.slotLogins.queued);
+  perSlot('mailsplice_slot_logins_refused_total', 'Logins answered with the temporary error because the slot had no place and its queue was full or the wait ran out, by slot', ctx.slotLogins.refused);
   // `aggregator`: how the primary of a multi-process instance merges the workers' values
   // (src/cluster/instance.ts); the default is their sum.
   const simple = (name: string, help: string, read: () => number, kind: 'counter' | 'gauge' = 'counter', aggregator: Aggregator = 'sum') => {

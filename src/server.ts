@@ -23,6 +23,7 @@ import { ProxyListener } from './proxy/listener.js';
 import { OwnListeners } from './proxy/own-listeners.js';
 import { SessionRegistry } from './proxy/registry.js';
 import { Sweep } from './proxy/sweep.js';
+import { SlotLogins, type SlotLoginLimits } from './proxy/slot-logins.js';
 
 export interface RunningServer {
   ctx: ProxyContext;
@@ -61,6 +62,10 @@ function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLi
     describe: describeRedisError,
   });
   return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok(), outage };
+}
+
+export function slotLoginLimits(cfg: Config): SlotLoginLimits {
+  return { concurrent: cfg.backend.logins_per_slot, queue: cfg.backend.login_queue_per_slot, queueTimeoutMs: cfg.backend.login_queue_timeout_ms };
 }
 
 export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
@@ -129,6 +134,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     log,
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
     ownListeners: new OwnListeners(),
+    slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
     ...(passwords ? { passwords } : {}),
     ...(oauth ? { oauth } : {}),
     ...(tokens ? { tokens } : {}),

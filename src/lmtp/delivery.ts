@@ -139,26 +139,21 @@ class Leg {
       const mailboxes = this.recipients.map((r) => (r.rcpt.params ? { mailbox: r.mailbox, params: r.rcpt.params } : { mailbox: r.mailbox }));
       const envOpts = { ...(size === undefined ? {} : { size }), body8bit };
       let env: Awaited<ReturnType<LmtpClient['envelope']>>;
-      for (let attempt = 0; ; attempt++) {
-        const { client, reused } = await this.d.settings.pool.acquire(this.opts, attempt > 0);
-        if (this.state !== 'opening') {
-          client.destroy();
-          return;
-        }
-        this.client = client;
-        try {
-          env = await client.envelope(from, mailboxes, envOpts);
-          // A pooled connection the backend was just closing ("421 ... inactivity").
-          if (reused && env.mail.code === 421) throw new Error(`reused connection: ${replyText(env.mail)}`);
-          break;
-        } catch (e) {
-          // Nothing was accepted on a stale pooled connection: one more try on a fresh one.
-          client.destroy();
-          this.client = undefined;
-          if (!reused || attempt > 0 || this.state !== 'opening') throw e;
-        }
+      // The slot's bound on backend logins covers LMTP's: connect, LHLO, AUTH, the envelope.
+      const placed = ctx.slotLogins.acquire(route.slot);
+      if (placed !== true && !(placed !== false && (await placed))) {
+        this.fail(new Error(`slot ${route.slot} busy: too many backend logins at once (backend.logins_per_slot)`), 'busy', false);
+        return;
+      }
+      try {
+        const answered = await this.envelope(from, mailboxes, envOpts);
+        if (!answered) return;
+        env = answered;
+      } finally {
+        ctx.slotLogins.release(route.slot);
       }
       const client = this.client;
+      if (!client) return;
       this.unsubscribe = client.onFailure((e) => this.fail(e, 'lost'));
       if (!isPositive(env.mail)) {
         if (refusesMessageSize(env.mail)) {
@@ -191,6 +186,33 @@ class Leg {
       if (this.state === 'opening') this.state = 'streaming';
     } catch (e) {
       this.fail(e as Error, e instanceof BackendRefused ? 'unreachable' : 'lost');
+    }
+  }
+
+  /**
+   * A backend connection (pooled, else new) and its answer to MAIL and the RCPTs; undefined
+   * when the leg ended meanwhile. A pooled connection the backend was just closing is
+   * replaced by a fresh one, once.
+   */
+  private async envelope(...args: Parameters<LmtpClient['envelope']>): Promise<Awaited<ReturnType<LmtpClient['envelope']>> | undefined> {
+    for (let attempt = 0; ; attempt++) {
+      const { client, reused } = await this.d.settings.pool.acquire(this.opts!, attempt > 0);
+      if (this.state !== 'opening') {
+        client.destroy();
+        return undefined;
+      }
+      this.client = client;
+      try {
+        const env = await client.envelope(...args);
+        // A pooled connection the backend was just closing ("421 ... inactivity").
+        if (reused && env.mail.code === 421) throw new Error(`reused connection: ${replyText(env.mail)}`);
+        return env;
+      } catch (e) {
+        // Nothing was accepted on a stale pooled connection: one more try on a fresh one.
+        client.destroy();
+        this.client = undefined;
+        if (!reused || attempt > 0 || this.state !== 'opening') throw e;
+      }
     }
   }
 
@@ -286,7 +308,7 @@ class Leg {
   }
 }
 
-type FailWhy = 'unreachable' | 'lost' | 'unconfirmed' | 'moved' | 'refused';
+type FailWhy = 'unreachable' | 'lost' | 'unconfirmed' | 'moved' | 'refused' | 'busy';
 
 function tempFail(address: string, why: FailWhy): Reply {
   switch (why) {
@@ -296,6 +318,8 @@ function tempFail(address: string, why: FailWhy): Reply {
       return reply(451, '4.3.0', `<${address}> Mailbox is being moved, try again later`);
     case 'refused':
       return reply(451, '4.3.0', `<${address}> Mail store refused the transaction, try again later`);
+    case 'busy':
+      return reply(451, '4.3.2', `<${address}> Mail store busy, try again later`);
     case 'unconfirmed':
       return reply(451, '4.4.2', `<${address}> Mail store did not confirm delivery, try again later`);
     default:

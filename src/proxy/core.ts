@@ -9,6 +9,7 @@ import type { OwnListeners } from './own-listeners.js';
 import type { FailureDelay, LoginThrottle, Reservation } from './throttle.js';
 import type { SessionRegistry } from './registry.js';
 import { SplicedSession } from './splice.js';
+import type { SlotLogins } from './slot-logins.js';
 import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from './tls.js';
 import { LineReader } from './lines.js';
@@ -47,6 +48,8 @@ export interface ProxyContext {
   tokens?: TokenChecker;
   /** lookup.default_domain, to compare a token's login claim with the client's login. */
   defaultDomain?: string;
+  /** The bound on backend logins in progress per slot (a login storm after a failover). */
+  slotLogins: SlotLogins;
 }
 
 /** A protocol's backend login dialogue, given what to log in with on that backend. */
@@ -382,6 +385,28 @@ export abstract class PreauthConnection implements Expiring {
     if (!port) throw new LoginFailed('unavailable', `slot ${route.slot} has no ${protocol} port`);
     // Before any backend connection: a token checked here may be refused.
     const backendCreds = await prepare(route);
+    const { slotLogins } = this.ctx;
+    const placed = slotLogins.acquire(route.slot);
+    if (placed !== true && !(placed !== false && (await placed))) {
+      throw new LoginFailed('unavailable', `slot ${route.slot} busy: too many backend logins at once (backend.logins_per_slot)`);
+    }
+    try {
+      return await this.onBackend(protocol, route, port, locked, backendCreds, dialogue, logout);
+    } finally {
+      slotLogins.release(route.slot);
+    }
+  }
+
+  /** The backend part of a login, holding one of the slot's login places. */
+  private async onBackend<T>(
+    protocol: Protocol,
+    route: Route,
+    port: number,
+    locked: LookupFailure | undefined,
+    backendCreds: BackendCredentials,
+    dialogue: BackendDialogue<T>,
+    logout: (result: T) => void,
+  ): Promise<{ route: Route; result: T }> {
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
     this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
     let result: T;
