@@ -16,8 +16,9 @@ const USAGE = `usage:
 
 const HELP: Record<string, string> = {
   serve: `usage: mailsplice serve --config FILE
-  Runs the proxy. SIGHUP re-reads certificates and the routes file; SIGTERM stops it
-  (connections before login are told at once, sessions get BYE). Refuses to start, with
+  Runs the proxy. SIGHUP re-reads certificates and the routes file;
+  SIGTERM drains: connections before login are told at once, sessions get BYE spread over
+  shutdown.drain_ms, LMTP transactions finish; SIGINT stops at once. Refuses to start, with
   exit code 78, on anything check-config reports as an error.`,
   'check-config': `usage: mailsplice check-config --config FILE
   Validates the config: every key, certificates and keys (readable, valid, matching),
@@ -64,29 +65,33 @@ async function serve(argv: string[]): Promise<void> {
   const workers = workerCount(cfg.workers);
   // Signals are handled from the start: with workers the first ones listen (and may be
   // signalled) before the last is ready, and SIGHUP's default action would kill the primary.
-  let server: { reload(): void; close(): Promise<void> } | undefined;
+  // With workers the primary passes drain and reload on: each worker drains its own sessions.
+  let server: { reload(): void; close(): Promise<void>; drain(): Promise<void> } | undefined;
   let reloadPending = false;
   process.on('SIGHUP', () => {
     if (server) server.reload();
     else reloadPending = true;
   });
   let stopping = false;
-  const stop = (signal: string) => {
-    if (stopping) process.exit(1); // a second signal: don't wait
+  // SIGTERM (systemctl stop) drains: sessions' BYEs spread over shutdown.drain_ms. SIGINT
+  // (an operator's Ctrl-C) ends them at once. A second signal exits without waiting.
+  const stop = (signal: string, drain: boolean) => {
+    if (stopping) process.exit(1);
     stopping = true;
-    log.info('stopping', { signal });
+    log.info('stopping', { signal, ...(drain ? { drain_ms: cfg.shutdown.drain_ms } : {}) });
     if (!server) process.exit(0); // still starting: nothing is being served yet
-    server.close().then(
+    (drain ? server.drain() : server.close()).then(
       () => process.exit(0),
       () => process.exit(1),
     );
   };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
+  process.on('SIGTERM', () => stop('SIGTERM', true));
+  process.on('SIGINT', () => stop('SIGINT', false));
   // Loaded here, not at the top: `mailsplice ctl` should not pay for the whole proxy.
   if (workers > 1) {
     const { startPrimary } = await import('./cluster/primary.js');
-    server = await startPrimary(cfg, log, workers);
+    const primary = await startPrimary(cfg, log, workers);
+    server = { reload: () => primary.reload(), close: () => primary.close(), drain: () => primary.close() };
   } else {
     const { startServer } = await import('./server.js');
     server = await startServer(cfg, log);

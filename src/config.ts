@@ -386,6 +386,16 @@ const sections = z.strictObject({
     })
     .optional(),
   log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
+  shutdown: z
+    .strictObject({
+      /**
+       * SIGTERM: logged-in IMAP/POP3 sessions get their BYE spread over this long (so the
+       * other proxies get the reconnects as a stream), LMTP transactions under way may finish
+       * within it; the process exits when nothing is left, or at this deadline.
+       */
+      drain_ms: z.number().int().nonnegative().default(10_000),
+    })
+    .prefault({}),
 });
 
 const schema = sections.superRefine(crossChecks);

@@ -23,6 +23,7 @@ import { ProxyListener } from './proxy/listener.js';
 import { OwnListeners } from './proxy/own-listeners.js';
 import { SessionRegistry } from './proxy/registry.js';
 import { Sweep } from './proxy/sweep.js';
+import { drainSessions } from './proxy/drain.js';
 import { SlotLogins, type SlotLoginLimits } from './proxy/slot-logins.js';
 
 export interface RunningServer {
@@ -45,8 +46,16 @@ export interface RunningServer {
   lookupOutage: OutageLog | undefined;
   /** SIGHUP: certificates and the routes file are read again; no session is dropped. */
   reload(): void;
-  /** Stops listening, ends every session, closes the lookup. */
-  close(): Promise<void>;
+  /**
+   * Stops listening, ends every session, closes the lookup. With `drainMs` (SIGTERM: the
+   * config's shutdown.drain_ms, see drain()) the IMAP/POP3 sessions' BYEs are spread over
+   * it and LMTP transactions under way may finish within it; without, all at once.
+   */
+  close(opts?: { drainMs?: number }): Promise<void>;
+  /** SIGTERM: close() over the running config's shutdown.drain_ms. */
+  drain(): Promise<void>;
+  /** The config in force (the one started with, or the last one a reload applied). */
+  config(): Config;
 }
 
 function zeroResults(): Record<LoginResult, number> {
@@ -150,15 +159,17 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
   const proxies: ProxyListener[] = [];
   const lmtp: LmtpListener[] = [];
   let admin: HttpServer | undefined;
-  const close = async () => {
+  let closing: Promise<void> | undefined;
+  const close = (opts: { drainMs?: number } = {}): Promise<void> => (closing ??= shutDown(opts.drainMs ?? 0));
+  const shutDown = async (drainMs: number) => {
     for (const p of proxies) p.server.close();
     // Every connection still before login is told so now (BYE / -ERR), rather than left to
     // its login timeout: a stop must fit in systemd's TimeoutStopSec.
     sweep.shutdownAll();
     // LMTP transactions under way are let finish (their recipients already got 250):
-    // the LMTP listeners end those sessions themselves.
-    const lmtpClosed = Promise.all(lmtp.map((l) => l.close()));
-    registry.endAll('server shutting down', ['imap', 'pop3']);
+    // the LMTP listeners end those sessions themselves, within the drain if there is one.
+    const lmtpClosed = Promise.all(lmtp.map((l) => l.close(drainMs > 0 ? drainMs : undefined)));
+    await drainSessions(registry, ['imap', 'pop3'], drainMs, 'server shutting down');
     await Promise.all([lmtpClosed, ...proxies.map((p) => p.close())]);
     registry.endAll('server shutting down');
     admin?.close();
@@ -216,5 +227,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
       log.info('reloaded');
     },
     close,
+    drain: () => close({ drainMs: cfg.shutdown.drain_ms }),
+    config: () => cfg,
   };
 }

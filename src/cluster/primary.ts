@@ -139,11 +139,12 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
         w.kill('SIGTERM');
       }
     }
-    // An LMTP transaction under way may take up to lmtp.timeout_ms to finish; past that a
-    // worker that still has not exited is stuck, and is killed rather than waited for.
+    // A worker drains over shutdown.drain_ms (an LMTP transaction without a drain may take up
+    // to lmtp.timeout_ms); past that a worker that still has not exited is stuck, and is
+    // killed rather than waited for.
     const limit = setTimeout(() => {
       for (const w of live) if (!w.isDead()) w.process.kill('SIGKILL');
-    }, cfg.lmtp.timeout_ms + 10_000);
+    }, Math.max(cfg.lmtp.timeout_ms, cfg.shutdown.drain_ms) + 10_000);
     await Promise.all(exits);
     clearTimeout(limit);
   };

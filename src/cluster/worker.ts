@@ -61,12 +61,13 @@ export async function runWorker(cfg: Config, log: Logger, start: (role: Required
   const gate = new SharedClientGate(gateLimits(cfg), (d) => send({ ms: 'ip', d }));
   let server: RunningServer | undefined;
   let closing = false;
-  const close = (why: string) => {
+  // SIGTERM and the primary's word drain (BYEs spread over shutdown.drain_ms); SIGINT ends at once.
+  const close = (why: string, drain = true) => {
     if (closing) return;
     closing = true;
     log.info('worker stopping', { why });
     if (!server) process.exit(0);
-    server.close().then(
+    (drain ? server.drain() : server.close()).then(
       () => {
         gate.close();
         process.exit(0);
@@ -86,7 +87,7 @@ export async function runWorker(cfg: Config, log: Logger, start: (role: Required
     else close('primary');
   });
   process.on('SIGTERM', () => close('SIGTERM'));
-  process.on('SIGINT', () => close('SIGINT'));
+  process.on('SIGINT', () => close('SIGINT', false));
   process.on('SIGHUP', () => server?.reload());
   try {
     server = await start({ worker: asks, gate });

@@ -37,7 +37,8 @@ export interface LmtpListener {
   readonly path: string | undefined;
   readonly connections: number;
   /** Stops accepting; lets transactions under way finish (bounded by lmtp.timeout_ms), then closes. */
-  close(): Promise<void>;
+  /** Stops accepting; idle connections get 421 now, transactions under way may finish (within `withinMs`, else lmtp.timeout_ms). */
+  close(withinMs?: number): Promise<void>;
 }
 
 export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'], ctx: ProxyContext, totals: LmtpTotals = lmtpTotals): Promise<LmtpListener> {
@@ -154,12 +155,13 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
     get connections() {
       return open;
     },
-    async close() {
+    async close(withinMs?: number) {
       const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
       for (const s of sessions) s.shutdown();
       // A transaction under way is allowed to finish: its recipients got 250 at RCPT and
-      // the message may already be at a backend. Every wait inside it is bounded by timeout_ms.
-      const deadline = new Promise<void>((resolve) => setTimeout(resolve, lmtp.timeout_ms + 1000).unref());
+      // the message may already be at a backend. Every wait inside it is bounded by timeout_ms;
+      // a drain (SIGTERM) bounds the whole by its own deadline.
+      const deadline = new Promise<void>((resolve) => setTimeout(resolve, withinMs ?? lmtp.timeout_ms + 1000).unref());
       await Promise.race([Promise.all([...sessions].map((s) => s.done)), deadline]);
       for (const s of sessions) s.destroy();
       pool.close();

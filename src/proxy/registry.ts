@@ -86,6 +86,29 @@ export class SessionRegistry implements ChangeListener {
     return out;
   }
 
+  /** Sessions of these protocols (a scan: for shutdown, not for the hot path). */
+  count(protocols: readonly Protocol[]): number {
+    let n = 0;
+    for (const set of this.byLogin.values()) for (const s of set) if (protocols.includes(s.protocol)) n++;
+    return n;
+  }
+
+  /** Ends up to `max` sessions of these protocols; how many it ended. */
+  endSome(reason: string, max: number, protocols: readonly Protocol[]): number {
+    const picked: LiveSession[] = [];
+    outer: for (const set of this.byLogin.values()) {
+      for (const s of set) {
+        if (picked.length >= max) break outer;
+        if (protocols.includes(s.protocol)) picked.push(s);
+      }
+    }
+    for (const s of picked) {
+      this.remove(s);
+      s.end(reason);
+    }
+    return picked.length;
+  }
+
   /** Ends everything (shutdown), or every session of the given protocols. */
   endAll(reason: string, protocols?: readonly Protocol[]): void {
     for (const set of [...this.byLogin.values()]) for (const s of [...set]) {

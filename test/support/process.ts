@@ -48,6 +48,8 @@ export async function startProxyProcess(extra: Record<string, unknown>, opts: Pr
       log: { level: 'info' },
       // One process unless a test asks for workers: most suites test what one process does.
       workers: 1,
+      // SIGTERM ends sessions at once, as stop() wants; a test of the drain sets its own.
+      shutdown: { drain_ms: 0 },
       ...(adminPort !== undefined ? { admin: { address: '127.0.0.1', port: adminPort } } : {}),
       ...extra,
     }),
