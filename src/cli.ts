@@ -16,7 +16,8 @@ const USAGE = `usage:
 
 const HELP: Record<string, string> = {
   serve: `usage: mailsplice serve --config FILE
-  Runs the proxy. SIGHUP re-reads certificates and the routes file;
+  Runs the proxy. SIGHUP re-reads the config (limits, log level, backend, listeners,
+  certificates; lookup, admin and auth need a restart) and the routes file;
   SIGTERM drains: connections before login are told at once, sessions get BYE spread over
   shutdown.drain_ms, LMTP transactions finish; SIGINT stops at once. Refuses to start, with
   exit code 78, on anything check-config reports as an error.`,
@@ -66,12 +67,25 @@ async function serve(argv: string[]): Promise<void> {
   // Signals are handled from the start: with workers the first ones listen (and may be
   // signalled) before the last is ready, and SIGHUP's default action would kill the primary.
   // With workers the primary passes drain and reload on: each worker drains its own sessions.
-  let server: { reload(): void; close(): Promise<void>; drain(): Promise<void> } | undefined;
+  let server: { reload(next: Config): Promise<void>; close(): Promise<void>; drain(): Promise<void> } | undefined;
   let reloadPending = false;
-  process.on('SIGHUP', () => {
-    if (server) server.reload();
-    else reloadPending = true;
-  });
+  // SIGHUP: the file is read and checked again as at start. One that does not validate
+  // changes nothing: the error (with the key's path) is logged and the running config stays.
+  const hup = () => {
+    if (!server) {
+      reloadPending = true; // applied once started
+      return;
+    }
+    let next: Config;
+    try {
+      next = loadChecked(file, (w) => log.warn('unsafe setting', { setting: w }));
+    } catch (e) {
+      log.error('config reload refused; the running config stays', { config: file, error: (e as Error).message });
+      return;
+    }
+    server.reload(next).catch((e: unknown) => log.error('config reload failed', { error: e instanceof Error ? e.message : String(e) }));
+  };
+  process.on('SIGHUP', hup);
   let stopping = false;
   // SIGTERM (systemctl stop) drains: sessions' BYEs spread over shutdown.drain_ms. SIGINT
   // (an operator's Ctrl-C) ends them at once. A second signal exits without waiting.
@@ -91,12 +105,12 @@ async function serve(argv: string[]): Promise<void> {
   if (workers > 1) {
     const { startPrimary } = await import('./cluster/primary.js');
     const primary = await startPrimary(cfg, log, workers);
-    server = { reload: () => primary.reload(), close: () => primary.close(), drain: () => primary.close() };
+    server = { reload: async (next) => primary.reload(next), close: () => primary.close(), drain: () => primary.close() };
   } else {
     const { startServer } = await import('./server.js');
     server = await startServer(cfg, log);
   }
-  if (reloadPending) server.reload();
+  if (reloadPending) hup();
   log.info('mailsplice started', { config: file, version: version(), lookup: cfg.lookup.redis ? 'redis' : 'file', workers });
 }
 

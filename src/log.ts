@@ -11,10 +11,12 @@ export interface Logger {
   info(msg: string, fields?: LogFields): void;
   warn(msg: string, fields?: LogFields): void;
   error(msg: string, fields?: LogFields): void;
+  /** A new level from here on (SIGHUP); loggers that have none keep theirs. */
+  setLevel?(level: Level): void;
 }
 
 export function createLogger(level: Level = 'info', write: (line: string) => void = (l) => process.stderr.write(l)): Logger {
-  const min = rank[level];
+  let min = rank[level];
   const emit = (lvl: Level, msg: string, fields?: LogFields) => {
     if (rank[lvl] < min) return;
     write(`${JSON.stringify({ t: new Date().toISOString(), level: lvl, msg, ...fields })}\n`);
@@ -24,6 +26,7 @@ export function createLogger(level: Level = 'info', write: (line: string) => voi
     info: (m, f) => emit('info', m, f),
     warn: (m, f) => emit('warn', m, f),
     error: (m, f) => emit('error', m, f),
+    setLevel: (l) => (min = rank[l]),
   };
 }
 

@@ -2,7 +2,8 @@ import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from './admin.js';
 import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
 import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.js';
-import type { Config } from './config.js';
+import type { Config, ListenerConfig } from './config.js';
+import { listenerKey, listenerSettings, nextInForce, restartOnlyChanges } from './reload.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
 import { ProxyTokenChecker } from './auth/oauth-check.js';
@@ -44,8 +45,13 @@ export interface RunningServer {
   asker: Asker | undefined;
   /** With a Redis lookup: the state of its current outage, if any. */
   lookupOutage: OutageLog | undefined;
-  /** SIGHUP: certificates and the routes file are read again; no session is dropped. */
-  reload(): void;
+  /**
+   * SIGHUP: certificates, CA files and the routes file are read again; with `next` (the
+   * config file read again and validated) its limits, log level, backend settings and
+   * listeners are applied too. Changes to lookup, admin and auth are refused with a log line
+   * each. No session is dropped.
+   */
+  reload(next?: Config): Promise<void>;
   /**
    * Stops listening, ends every session, closes the lookup. With `drainMs` (SIGTERM: the
    * config's shutdown.drain_ms, see drain()) the IMAP/POP3 sessions' BYEs are spread over
@@ -96,7 +102,9 @@ export interface ServerRole {
   gate?: ClientGate;
 }
 
-export async function startServer(cfg: Config, log: Logger = createLogger(cfg.log.level), role: ServerRole = {}): Promise<RunningServer> {
+export async function startServer(startCfg: Config, log: Logger = createLogger(startCfg.log.level), role: ServerRole = {}): Promise<RunningServer> {
+  /** The config in force: the one started with, then whatever reload() applied. */
+  let cfg = startCfg;
   // Secret files are read now: a missing one stops the start, not the first login.
   loadIdentities(cfg.backend);
   const passwords = cfg.auth.ldap ? new LdapPasswordChecker(cfg.auth.ldap, log) : undefined;
@@ -170,7 +178,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     // the LMTP listeners end those sessions themselves, within the drain if there is one.
     const lmtpClosed = Promise.all(lmtp.map((l) => l.close(drainMs > 0 ? drainMs : undefined)));
     await drainSessions(registry, ['imap', 'pop3'], drainMs, 'server shutting down');
-    await Promise.all([lmtpClosed, ...proxies.map((p) => p.close())]);
+    await Promise.all([lmtpClosed, ...retiring, ...proxies.map((p) => p.close())]);
     registry.endAll('server shutting down');
     admin?.close();
     sweep.stop();
@@ -178,21 +186,42 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     await passwords?.close();
     await router.close();
   };
-  try {
-    for (const l of cfg.listeners) {
-      if (l.protocol === 'lmtp') {
-        const ll = await startLmtpListener(l, cfg.lmtp, ctx);
-        lmtp.push(ll);
-        const at = ll.address();
-        if (at) ctx.ownListeners.add(at.address, at.port);
-        continue;
-      }
-      const p = new ProxyListener(l, ctx);
-      await p.listen();
-      proxies.push(p);
-      ctx.ownListeners.add(p.address().address, p.address().port);
-      log.info('listening', { protocol: l.protocol, address: l.address, port: p.address().port, tls: l.tls });
+  // Listeners by where they listen, with the settings each was started with (reload() diffs these).
+  const running = new Map<string, { settings: string; proxy?: ProxyListener; lmtp?: LmtpListener }>();
+  /** Listeners a reload removed or replaced: no longer accepting, their LMTP transactions finishing. */
+  const retiring: Promise<void>[] = [];
+  const startListener = async (l: ListenerConfig, c: Config): Promise<void> => {
+    if (l.protocol === 'lmtp') {
+      const ll = await startLmtpListener(l, c.lmtp, ctx);
+      lmtp.push(ll);
+      const at = ll.address();
+      if (at) ctx.ownListeners.add(at.address, at.port);
+      running.set(listenerKey(l), { settings: listenerSettings(l, c), lmtp: ll });
+      return;
     }
+    const p = new ProxyListener(l, ctx);
+    await p.listen();
+    proxies.push(p);
+    ctx.ownListeners.add(p.address().address, p.address().port);
+    running.set(listenerKey(l), { settings: listenerSettings(l, c), proxy: p });
+    log.info('listening', { protocol: l.protocol, address: l.address, port: p.address().port, tls: l.tls });
+  };
+  /** Stops accepting on a listener; its sessions go on (LMTP: idle ones get 421, transactions finish). */
+  const retire = (key: string): void => {
+    const r = running.get(key);
+    if (!r) return;
+    running.delete(key);
+    if (r.proxy) {
+      proxies.splice(proxies.indexOf(r.proxy), 1);
+      r.proxy.server.close();
+    }
+    if (r.lmtp) {
+      lmtp.splice(lmtp.indexOf(r.lmtp), 1);
+      retiring.push(r.lmtp.close());
+    }
+  };
+  try {
+    for (const l of cfg.listeners) await startListener(l, cfg);
     if (cfg.admin) {
       answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
       if (local) {
@@ -205,6 +234,52 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     throw e;
   }
 
+  /** Certificates and CA files are read again; with `next`, its settings are applied (see reload.ts). */
+  const reload = async (next?: Config): Promise<void> => {
+    if (next) {
+      for (const key of restartOnlyChanges(cfg, next)) log.warn('config change needs a restart; the running setting stays', { key });
+      const prev = cfg;
+      cfg = nextInForce(cfg, next);
+      log.setLevel?.(cfg.log.level);
+      ctx.limits = cfg.limits;
+      ctx.gate.setLimits({ connectionsPerIp: cfg.limits.connections_per_ip, concurrentLoginsPerIp: cfg.limits.concurrent_logins_per_ip });
+      throttle.setFailuresPerWindow(cfg.limits.auth_failures_per_ip_per_minute);
+      ctx.failureDelay.setDelay(cfg.limits.auth_failure_delay_ms);
+      loadIdentities(cfg.backend);
+      ctx.backend = cfg.backend;
+      ctx.slotLogins.setLimits(slotLoginLimits(cfg));
+      // Listeners: gone or changed ones stop accepting (their sessions stay), new ones start.
+      const wanted = new Map(cfg.listeners.map((l) => [listenerKey(l), l]));
+      for (const [key, r] of [...running]) {
+        const l = wanted.get(key);
+        if (!l || listenerSettings(l, cfg) !== r.settings) {
+          retire(key);
+          log.info(l ? 'listener settings changed; replaced (open sessions stay)' : 'listener removed (open sessions stay)', { listener: key });
+        }
+      }
+      for (const [key, l] of wanted) {
+        if (running.has(key)) continue;
+        try {
+          await startListener(l, cfg);
+          if (prev.listeners.every((o) => listenerKey(o) !== key)) log.info('listener added', { listener: key });
+        } catch (e) {
+          log.error('listener could not start; the others run', { listener: key, error: (e as Error).message });
+        }
+      }
+    }
+    for (const [key, r] of running) {
+      try {
+        r.proxy?.tls?.reload();
+        r.lmtp?.reloadTls();
+      } catch (e) {
+        log.error('certificate reload failed; old certificates stay in force', { listener: key, error: (e as Error).message });
+      }
+    }
+    reloadBackendTls(); // backend CA files are read again on the next login
+    if (source instanceof FileSource) source.reload();
+    log.info('reloaded', { config: next ? 'applied' : 'unchanged' });
+  };
+
   return {
     ctx,
     router,
@@ -214,18 +289,7 @@ export async function startServer(cfg: Config, log: Logger = createLogger(cfg.lo
     asks,
     asker: local,
     lookupOutage: lookupLog.outage,
-    reload() {
-      for (const p of proxies) {
-        try {
-          p.tls?.reload();
-        } catch (e) {
-          log.error('certificate reload failed; old certificates stay in force', { listener: p.cfg.name ?? p.cfg.protocol, error: (e as Error).message });
-        }
-      }
-      reloadBackendTls(); // backend CA files are read again on the next login
-      if (source instanceof FileSource) source.reload();
-      log.info('reloaded');
-    },
+    reload: (next?: Config) => reload(next),
     close,
     drain: () => close({ drainMs: cfg.shutdown.drain_ms }),
     config: () => cfg,

@@ -88,7 +88,8 @@ export class LocalAsks implements Answerer, Asker {
 // ---- The messages between primary and workers (over the cluster's IPC channel). ----
 
 /** primary -> worker */
-export type ToWorker = { ms: 'ask'; id: number; name: string; arg: unknown } | { ms: 'reload' } | { ms: 'close' } | { ms: 'ip'; d: IpDenials };
+/** `reload` carries the config file as the primary read and checked it again (SIGHUP); without it, only certificates and files are re-read. */
+export type ToWorker = { ms: 'ask'; id: number; name: string; arg: unknown } | { ms: 'reload'; config?: unknown } | { ms: 'close' } | { ms: 'ip'; d: IpDenials };
 /** worker -> primary */
 export type ToPrimary =
   | { ms: 'answer'; id: number; ok: true; value: unknown }
@@ -102,7 +103,8 @@ const isObject = (m: unknown): m is Record<string, unknown> => typeof m === 'obj
 export function toWorker(m: unknown): ToWorker | undefined {
   if (!isObject(m)) return undefined;
   if (m.ms === 'ask' && typeof m.id === 'number' && typeof m.name === 'string') return { ms: 'ask', id: m.id, name: m.name, arg: m.arg };
-  if (m.ms === 'reload' || m.ms === 'close') return { ms: m.ms };
+  if (m.ms === 'reload') return m.config === undefined ? { ms: 'reload' } : { ms: 'reload', config: m.config };
+  if (m.ms === 'close') return { ms: m.ms };
   if (m.ms === 'ip' && isObject(m.d) && isObject(m.d.deny) && isObject(m.d.allow)) {
     const d = m.d as unknown as IpDenials;
     const lists = [d.deny.connections, d.deny.logins, d.allow.connections, d.allow.logins];

@@ -117,10 +117,15 @@ export class IpLedger {
   private readonly denied: Record<IpCount, Set<string>> = { connections: new Set(), logins: new Set() };
 
   constructor(
-    private readonly limits: GateLimits,
+    private limits: GateLimits,
     /** Sends a change of the denied set to every live worker. */
     private readonly broadcast: (d: IpDenials) => void,
   ) {}
+
+  /** New limits (SIGHUP): an address's standing is judged by them from its next change on. */
+  setLimits(limits: GateLimits): void {
+    this.limits = limits;
+  }
 
   /** What a newly started worker must know. */
   snapshot(): IpDenials {

@@ -9,6 +9,7 @@ import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } fr
 import { instanceAdminSources, primaryRegistry } from './instance.js';
 import { IpLedger, type IpDenials } from './ip-limits.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
+import { nextInForce } from '../reload.js';
 
 /** A worker that ran at least this long before it died is restarted at once. */
 const STABLE_MS = 10_000;
@@ -20,8 +21,8 @@ export interface RunningPrimary {
   readonly admin: HttpServer | undefined;
   /** The worker slots (number, process while ready), for tests and logs. */
   readonly slots: readonly WorkerSlot[];
-  /** SIGHUP: every ready worker reloads. */
-  reload(): void;
+  /** SIGHUP: every ready worker reloads (with `next`, the config file read again). */
+  reload(next?: Config): void;
   /** SIGTERM: every worker runs its close() (BYE to everyone, LMTP transactions finish), then the admin listener closes. */
   close(): Promise<void>;
 }
@@ -65,13 +66,15 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     for (const s of slots) if (s.worker?.isConnected()) s.worker.send(msg);
   });
   const bySlot = new Map<Worker, SlotLife>();
-  const configJson = JSON.stringify(cfg);
+  let configJson = JSON.stringify(cfg);
   let stopping = false;
   let started = false;
   let failStart: ((e: Error) => void) | undefined;
   let readyCount = 0;
   /** When the last SIGHUP came: a worker forked before it and ready after it still gets it. */
   let reloadAt = 0;
+  /** The config file as the last SIGHUP read it: a worker forked before it and ready after gets it too. */
+  let lastReload: Config | undefined;
   let allReady: (() => void) | undefined;
 
   const fork = (slot: SlotLife) => {
@@ -89,7 +92,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
         slot.worker = w;
         slot.state = 'ready';
         w.send(ipMsg(ledger.snapshot()));
-        if (slot.startedAt <= reloadAt) w.send({ ms: 'reload' } satisfies ToWorker);
+        if (slot.startedAt <= reloadAt) w.send((lastReload ? { ms: 'reload', config: lastReload } : { ms: 'reload' }) satisfies ToWorker);
         log.info('worker started', { worker: slot.index, pid: w.process.pid });
         if (!started && ++readyCount === n) allReady?.();
       } else if (m.ms === 'failed') {
@@ -171,9 +174,15 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     asker: asks,
     admin,
     slots,
-    reload() {
+    reload(next?: Config) {
       reloadAt = Date.now();
-      const msg: ToWorker = { ms: 'reload' };
+      // Workers forked from now on (a restart after a crash) start with what the others run.
+      if (next) {
+        lastReload = next;
+        configJson = JSON.stringify(nextInForce(cfg, next));
+        ledger.setLimits(gateLimits(nextInForce(cfg, next)));
+      }
+      const msg: ToWorker = next ? { ms: 'reload', config: next } : { ms: 'reload' };
       for (const s of slots) if (s.worker?.isConnected()) s.worker.send(msg);
       log.info('reload sent to workers', { workers: slots.filter((s) => s.worker).length });
     },

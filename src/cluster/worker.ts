@@ -1,5 +1,5 @@
 import { parseConfig, type Config } from '../config.js';
-import type { Logger, LogFields } from '../log.js';
+import type { Level, Logger, LogFields } from '../log.js';
 import { gateLimits } from '../proxy/gate.js';
 import type { RunningServer, ServerRole } from '../server.js';
 import { toWorker, WorkerAsks, type ToPrimary } from './ask.js';
@@ -31,6 +31,7 @@ export function withFields(log: Logger, fields: LogFields): Logger {
     info: (m, f) => log.info(m, { ...fields, ...f }),
     warn: (m, f) => log.warn(m, { ...fields, ...f }),
     error: (m, f) => log.error(m, { ...fields, ...f }),
+    ...(log.setLevel ? { setLevel: (l: Level) => log.setLevel?.(l) } : {}),
   };
 }
 
@@ -78,12 +79,22 @@ export async function runWorker(cfg: Config, log: Logger, start: (role: Required
       },
     );
   };
+  const reload = (doc: unknown) => {
+    let next: Config | undefined;
+    try {
+      next = doc === undefined ? undefined : parseConfig(doc, 'the primary config');
+    } catch (e) {
+      log.error('config reload refused; the running config stays', { error: (e as Error).message });
+      return;
+    }
+    server?.reload(next).catch((e: unknown) => log.error('config reload failed', { error: e instanceof Error ? e.message : String(e) }));
+  };
   process.on('message', (raw: unknown) => {
     const m = toWorker(raw);
     if (!m) return;
     if (m.ms === 'ask') void asks.answer(m);
     else if (m.ms === 'ip') gate.applyDenials(m.d);
-    else if (m.ms === 'reload') server?.reload();
+    else if (m.ms === 'reload') reload(m.config);
     else close('primary');
   });
   process.on('SIGTERM', () => close('SIGTERM'));

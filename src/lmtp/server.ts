@@ -36,7 +36,8 @@ export interface LmtpListener {
   /** Unix socket path, when listening on one. */
   readonly path: string | undefined;
   readonly connections: number;
-  /** Stops accepting; lets transactions under way finish (bounded by lmtp.timeout_ms), then closes. */
+  /** Reads the certificate files again (SIGHUP); the next handshake uses them. Throws, keeping the old ones, if they do not load. */
+  reloadTls(): void;
   /** Stops accepting; idle connections get 421 now, transactions under way may finish (within `withinMs`, else lmtp.timeout_ms). */
   close(withinMs?: number): Promise<void>;
 }
@@ -154,6 +155,9 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
     },
     get connections() {
       return open;
+    },
+    reloadTls() {
+      tls?.reload();
     },
     async close(withinMs?: number) {
       const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));

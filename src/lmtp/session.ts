@@ -99,6 +99,9 @@ export class LmtpSession {
     socket.on('end', this.onEnd);
     socket.on('close', this.onClose);
     socket.on('error', () => this.onClose());
+    // A TLS client that hung up right after its handshake: its 'close' came before we were
+    // handed the socket, and would otherwise keep this session (and a shutdown) waiting.
+    if (socket.destroyed) this.closed = this.ended = true;
     // One timer per connection, refreshed on input: cheaper than a timer per read.
     this.idle = setTimeout(this.onIdle, env.cfg.timeout_ms);
     this.idle.unref();

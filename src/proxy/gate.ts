@@ -19,7 +19,12 @@ export class ClientGate {
   private readonly connections = new Map<string, number>();
   private readonly logins = new Map<string, number>();
 
-  constructor(private readonly limits: GateLimits) {}
+  constructor(private limits: GateLimits) {}
+
+  /** New limits (SIGHUP): counts already made stay; the next admission uses these. */
+  setLimits(limits: GateLimits): void {
+    this.limits = limits;
+  }
 
   /** Counts a new connection; false when the IP already has too many. */
   admit(ip: string): boolean {

@@ -93,6 +93,11 @@ export class LoginThrottle {
     this.opts.log.warn('login throttle cannot reach Redis; counting failed logins per proxy until it is back');
   }
 
+  /** A new limit (SIGHUP), from the next attempt on. */
+  setFailuresPerWindow(n: number): void {
+    this.opts.failuresPerWindow = n;
+  }
+
   /** Counts an attempt from `ip`; undefined when the address is over its limit (the attempt is refused). */
   async reserve(ip: string): Promise<Reservation | undefined> {
     const window = this.windowOf(Date.now());
@@ -183,10 +188,15 @@ export class FailureDelay {
   private waiting: { due: number; resolve: () => void }[] = [];
 
   constructor(
-    private readonly delayMs: number,
+    private delayMs: number,
     sweep: Sweep,
   ) {
     sweep.every(() => this.release(Date.now()));
+  }
+
+  /** A new delay (SIGHUP), for attempts that fail from now on. */
+  setDelay(ms: number): void {
+    this.delayMs = ms;
   }
 
   /** Resolves once the delay since `started` is over; at once when the delay is 0. */

@@ -66,9 +66,13 @@ export class ListenerTls {
       // `on`, not `once`: a second error during teardown must not go unhandled.
       tls.on('error', fail);
       tls.once('close', closed);
+      // The listeners allow half-open sockets: a client that hangs up mid-handshake sends
+      // only a FIN, which would otherwise leave this waiting (and a shutdown with it).
+      tls.once('end', closed);
       tls.once('secure', () => {
         tls.off('error', fail);
         tls.off('close', closed);
+        tls.off('end', closed);
         resolve(tls);
       });
     });
