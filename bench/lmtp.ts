@@ -1,4 +1,5 @@
-// LMTP deliveries per second: straight to Dovecot LMTP vs through mailsplice.
+// LMTP deliveries per second: straight to Dovecot LMTP, through mailsplice, and through
+// Dovecot's own LMTP proxy (lmtp_proxy = yes, passdb proxy=y host port from the same routes).
 //
 //   node --import tsx bench/lmtp.ts [--messages 4000] [--seconds 20] [--concurrency 8] [--size 4096]
 //
@@ -14,11 +15,12 @@
 //           the message to both slots in parallel, which is what the proxy does for it)
 
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { LmtpClient } from '../src/lmtp/client.js';
+import { startDovecotProxy, type DovecotProxy } from './lib/dovecot-proxy.js';
 import { freePort } from '../test/harness/ports.js';
 import { startWorld, type World } from '../test/harness/world.js';
 import { startProxyProcess, type ProxyProcess } from '../test/support/process.js';
@@ -47,7 +49,7 @@ interface Endpoint {
 
 interface RunResult {
   scenario: string;
-  target: 'direct' | 'proxy';
+  target: 'direct' | 'proxy' | 'dovecot-proxy';
   messages: number;
   deliveries: number;
   failures: number;
@@ -153,6 +155,7 @@ async function main(): Promise<void> {
   const loadBefore = os.loadavg().map((x) => Math.round(x * 100) / 100);
   let world: World | undefined;
   let proxy: ProxyProcess | undefined;
+  let dp: DovecotProxy | undefined;
   try {
     world = await startWorld();
     const routesFile = join(mkdtempSync(join(os.tmpdir(), 'mailsplice-bench-')), 'routes.yaml');
@@ -166,6 +169,17 @@ async function main(): Promise<void> {
       lmtp: { recipients_per_ip_per_minute: 10_000_000 },
     });
     const { slotA, slotB } = world;
+    const dpParent = mkdtempSync(join(os.tmpdir(), 'mailsplice-bench-'));
+    chmodSync(dpParent, 0o755); // Dovecot's auth process (user dovecot) reads the passdb below it
+    const dpDir = join(dpParent, 'dovecot-proxy');
+    dp = await startDovecotProxy({
+      dir: dpDir,
+      routes: [
+        { login: 'alice@example.com', host: slotA.host, imap: slotA.imap, lmtp: slotA.lmtp },
+        { login: 'bob@example.com', host: slotB.host, imap: slotB.imap, lmtp: slotB.lmtp },
+      ],
+    });
+    const viaDp: Endpoint = { host: dp.host, port: dp.lmtp };
     const viaProxy: Endpoint = { host: '127.0.0.1', port: lmtpPort };
     const a: Endpoint = { host: slotA.host, port: slotA.lmtp };
     const b: Endpoint = { host: slotB.host, port: slotB.lmtp };
@@ -182,9 +196,11 @@ async function main(): Promise<void> {
     // Warm-up (JIT, Dovecot's first-process costs), not recorded.
     await run('warmup', 'direct', (w) => [{ endpoint: home(w), rcpts: [user(w)] }], 200, 5);
     await run('warmup', 'proxy', (w) => [{ endpoint: viaProxy, rcpts: [user(w)] }], 200, 5);
+    await run('warmup', 'dovecot-proxy', (w) => [{ endpoint: viaDp, rcpts: [user(w)] }], 200, 5);
 
     say(await run('single', 'direct', (w) => [{ endpoint: home(w), rcpts: [user(w)] }]));
     say(await run('single', 'proxy', (w) => [{ endpoint: viaProxy, rcpts: [user(w)] }]));
+    say(await run('single', 'dovecot-proxy', (w) => [{ endpoint: viaDp, rcpts: [user(w)] }]));
     say(
       await run('fanout', 'direct', () => [
         { endpoint: a, rcpts: ['alice@example.com'] },
@@ -192,6 +208,7 @@ async function main(): Promise<void> {
       ]),
     );
     say(await run('fanout', 'proxy', () => [{ endpoint: viaProxy, rcpts: ['alice@example.com', 'bob@example.com'] }]));
+    say(await run('fanout', 'dovecot-proxy', () => [{ endpoint: viaDp, rcpts: ['alice@example.com', 'bob@example.com'] }]));
 
     const by = (s: string, t: string) => results.find((r) => r.scenario === s && r.target === t)!.deliveriesPerSecond;
     const out = {
@@ -208,13 +225,15 @@ async function main(): Promise<void> {
       settings: { messagesPerRun: MESSAGES, secondsPerRun: SECONDS, concurrency: CONCURRENCY, messageBytes: body(0).length },
       results,
       proxyOverDirect: { single: Math.round((by('single', 'proxy') / by('single', 'direct')) * 100) / 100, fanout: Math.round((by('fanout', 'proxy') / by('fanout', 'direct')) * 100) / 100 },
+      dovecotProxyOverDirect: { single: Math.round((by('single', 'dovecot-proxy') / by('single', 'direct')) * 100) / 100, fanout: Math.round((by('fanout', 'dovecot-proxy') / by('fanout', 'direct')) * 100) / 100 },
     };
     const dir = resolve(import.meta.dirname, 'results');
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, 'lmtp.json'), `${JSON.stringify(out, null, 2)}\n`);
-    console.log(`proxy/direct: single ${out.proxyOverDirect.single}, fanout ${out.proxyOverDirect.fanout}; written to bench/results/lmtp.json`);
+    console.log(`proxy/direct: single ${out.proxyOverDirect.single}, fanout ${out.proxyOverDirect.fanout}; Dovecot proxy/direct: single ${out.dovecotProxyOverDirect.single}, fanout ${out.dovecotProxyOverDirect.fanout}; written to bench/results/lmtp.json`);
   } finally {
     await proxy?.stop();
+    await dp?.stop();
     await world?.stop();
   }
 }
