@@ -6,6 +6,7 @@ import { parseArgs } from 'node:util';
 import { ConfigError, loadConfig, workerCount, type Config } from './config.js';
 import { createLogger } from './log.js';
 import { preflight, readAdminToken } from './preflight.js';
+import { packageVersion } from './version.js';
 
 const USAGE = `usage:
   mailsplice serve --config FILE         run the proxy
@@ -31,8 +32,7 @@ const HELP: Record<string, string> = {
 };
 
 function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
+  return packageVersion();
 }
 
 /** Parses `--config FILE` (and --help) for a subcommand; undefined when help was printed. */

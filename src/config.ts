@@ -264,6 +264,13 @@ const sections = z.strictObject({
           heartbeat_ms: z.number().int().positive().default(1000),
           /** Silence on the event subscription past this counts as "events lost". */
           heartbeat_timeout_ms: z.number().int().positive().default(3000),
+          /**
+           * How often this proxy writes its heartbeat record (<prefix>proxy:<id>, what
+           * `ctl proxies` and `ctl who` read); the record expires after three times this.
+           */
+          proxy_heartbeat_ms: z.number().int().min(100).default(5000),
+          /** This proxy's id in the heartbeat records (default <hostname>:<pid>). */
+          proxy_id: z.string().regex(/^[\x21-\x7e]{1,200}$/, 'printable ASCII without spaces').optional(),
         })
         .superRefine((r, ctx) => {
           if (r.heartbeat_timeout_ms <= r.heartbeat_ms) ctx.addIssue({ code: 'custom', path: ['heartbeat_timeout_ms'], message: 'must be more than heartbeat_ms' });

@@ -13,6 +13,8 @@ import { RedisSource } from './lookup/redis.js';
 import { Router } from './lookup/router.js';
 import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
+import { startHeartbeat, type Heartbeat } from './fleet/heartbeat.js';
+import { localState } from './fleet/state.js';
 import { createMetrics } from './metrics.js';
 import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
@@ -43,6 +45,8 @@ export interface RunningServer {
    * process: answered by its own handlers); undefined in a worker, where the primary asks.
    */
   asker: Asker | undefined;
+  /** With a Redis lookup: the heartbeat record's writer. */
+  heartbeat: Heartbeat | undefined;
   /** With a Redis lookup: the state of its current outage, if any. */
   lookupOutage: OutageLog | undefined;
   /**
@@ -167,9 +171,11 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
   const proxies: ProxyListener[] = [];
   const lmtp: LmtpListener[] = [];
   let admin: HttpServer | undefined;
+  let heartbeat: Heartbeat | undefined;
   let closing: Promise<void> | undefined;
   const close = (opts: { drainMs?: number } = {}): Promise<void> => (closing ??= shutDown(opts.drainMs ?? 0));
   const shutDown = async (drainMs: number) => {
+    await heartbeat?.close();
     for (const p of proxies) p.server.close();
     // Every connection still before login is told so now (BYE / -ERR), rather than left to
     // its login timeout: a stop must fit in systemd's TimeoutStopSec.
@@ -229,6 +235,9 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
         log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
       }
     }
+    asks.onAsk('state', () => localState(registry, router));
+    // The heartbeat is the instance's: here when this process is the whole instance, else the primary's.
+    if (local) heartbeat = startHeartbeat(cfg, local, log, 1);
   } catch (e) {
     await close();
     throw e;
@@ -288,6 +297,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     admin,
     asks,
     asker: local,
+    heartbeat,
     lookupOutage: lookupLog.outage,
     reload: (next?: Config) => reload(next),
     close,

@@ -8,6 +8,7 @@ import type { Logger } from '../log.js';
 import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
 import { instanceAdminSources, primaryRegistry } from './instance.js';
 import { IpLedger, type IpDenials } from './ip-limits.js';
+import { startHeartbeat, type Heartbeat } from '../fleet/heartbeat.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
 import { nextInForce } from '../reload.js';
 
@@ -125,6 +126,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
   };
 
   let admin: HttpServer | undefined;
+  let heartbeat: Heartbeat | undefined;
   const stopWorkers = async () => {
     stopping = true;
     for (const s of slots) {
@@ -163,6 +165,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
       for (const s of slots) fork(s);
     });
     started = true;
+    heartbeat = startHeartbeat(cfg, asks, log, n);
   } catch (e) {
     await stopWorkers();
     admin?.close();
@@ -187,6 +190,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
       log.info('reload sent to workers', { workers: slots.filter((s) => s.worker).length });
     },
     async close() {
+      await heartbeat?.close();
       await stopWorkers();
       admin?.close();
     },

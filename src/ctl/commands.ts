@@ -10,12 +10,15 @@ import { deleteObject, failover, moveUser, setLock } from './ops.js';
 import { DEFAULT_PORTS, checkId, setSlot, setStore, setUser } from './setters.js';
 import { dumpAll, formatDat, formatRoutes, importDat, importRoutes, type ImportResult } from './transfer.js';
 import { whereis } from './whereis.js';
+import { proxiesCommand, type Fleet } from './fleet.js';
 
 export type OptionSpec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
 export type Values = Record<string, string | boolean | undefined>;
 
 export interface Ctx {
   admin: RouteAdmin;
+  /** The running proxies (Redis lookup only). */
+  fleet?: Fleet;
   defaultDomain?: string;
   json: boolean;
   /** Writes a line (or lines) to stdout. */
@@ -416,4 +419,5 @@ export const COMMANDS: readonly Command[] = [
   whereisCommand,
   importCommand,
   exportCommand,
+  proxiesCommand,
 ];

@@ -1,8 +1,11 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Redis } from 'ioredis';
 import { MODEL_FIELDS, type Hash, type HashStore, type HashWrite, type Plan } from '../lookup/admin.js';
+import { readHeartbeats, type HeartbeatRecord } from '../fleet/records.js';
+import { RedisKeys } from '../lookup/redis-keys.js';
 import type { ChangeEvent, ObjectKind } from '../lookup/source.js';
 import { describeEndpoint, openRedis, type RedisEndpoint } from '../lookup/redis-endpoint.js';
+import type { Fleet } from './fleet.js';
 
 /** Conflicting writers this many times in a row means something is badly wrong: stop. */
 const MAX_ATTEMPTS = 50;
@@ -24,16 +27,18 @@ function where(ep: RedisEndpoint): string {
  * of two tools racing on one store the second one's EXEC fails and it starts again on the
  * first one's result (so no epoch is ever handed out twice).
  */
-export class RedisHashStore implements HashStore {
+export class RedisHashStore implements HashStore, Fleet {
   readonly where: string;
+  readonly keys: RedisKeys;
   /** WATCH state belongs to the connection: one transaction at a time per instance. */
   private queue: Promise<unknown> = Promise.resolve();
 
   private constructor(
     private readonly redis: Redis,
-    private readonly prefix: string,
+    prefix: string,
     endpoint: RedisEndpoint,
   ) {
+    this.keys = new RedisKeys(prefix);
     this.where = `${where(endpoint)} (prefix ${prefix})`;
   }
 
@@ -64,11 +69,11 @@ export class RedisHashStore implements HashStore {
   }
 
   private key(kind: ObjectKind, id: string): string {
-    return `${this.prefix}${kind}:${id}`;
+    return this.keys.object(kind, id);
   }
 
   private get channel(): string {
-    return `${this.prefix}events`;
+    return this.keys.events;
   }
 
   async read(objs: readonly ChangeEvent[]): Promise<(Hash | undefined)[]> {
@@ -134,7 +139,7 @@ export class RedisHashStore implements HashStore {
   }
 
   async list(kind: ObjectKind): Promise<string[]> {
-    const lead = `${this.prefix}${kind}:`;
+    const lead = this.keys.objectLead(kind);
     const ids = new Set<string>();
     let cursor = '0';
     do {
@@ -143,6 +148,11 @@ export class RedisHashStore implements HashStore {
       for (const k of keys) ids.add(k.slice(lead.length)); // SCAN may return a key twice
     } while (cursor !== '0');
     return [...ids].sort();
+  }
+
+  /** The live proxies' heartbeat records (see src/fleet/records.ts). */
+  proxies(): Promise<HeartbeatRecord[]> {
+    return readHeartbeats(this.redis, this.keys);
   }
 
   async close(): Promise<void> {

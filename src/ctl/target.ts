@@ -4,6 +4,7 @@ import { FileHashStore } from './file-store.js';
 import { RedisHashStore } from './redis-store.js';
 import type { RedisEndpoint } from '../lookup/redis-endpoint.js';
 import { runtimeError, usageError } from './errors.js';
+import type { Fleet } from './fleet.js';
 
 /** Where ctl writes: the options every command takes. */
 export interface TargetOptions {
@@ -16,6 +17,8 @@ export interface TargetOptions {
 
 export interface Target {
   admin: RouteAdmin;
+  /** The running proxies' records: Redis only. */
+  fleet?: Fleet;
   /** From the config's lookup.default_domain or --default-domain: logins are normalised with it. */
   defaultDomain?: string;
 }
@@ -27,7 +30,7 @@ export async function openTarget(o: TargetOptions, env: NodeJS.ProcessEnv): Prom
   const given = [o.config && '--config', o.redis && '--redis', o.file && '--file'].filter(Boolean);
   if (given.length > 1) throw usageError(`${given.join(' and ')} exclude each other; ${TARGET_HINT}`);
   if (o.prefix !== undefined && !o.redis) throw usageError('--prefix goes with --redis (with --config the prefix comes from the config)');
-  if (o.redis) return { admin: new RouteAdmin(await connect({ url: o.redis }, o.prefix ?? 'ms:')), defaultDomain: o.defaultDomain };
+  if (o.redis) return redisTarget(await connect({ url: o.redis }, o.prefix ?? 'ms:'), o.defaultDomain);
   if (o.file) return { admin: new RouteAdmin(new FileHashStore(o.file, o.defaultDomain)), defaultDomain: o.defaultDomain };
   const configFile = o.config ?? env.MAILSPLICE_CONFIG;
   if (!configFile) throw usageError(`no routes given: ${TARGET_HINT}`);
@@ -39,8 +42,12 @@ export async function openTarget(o: TargetOptions, env: NodeJS.ProcessEnv): Prom
     throw e;
   }
   const defaultDomain = o.defaultDomain ?? lookup.default_domain;
-  if (lookup.redis) return { admin: new RouteAdmin(await connect(lookup.redis, lookup.redis.prefix)), defaultDomain };
+  if (lookup.redis) return redisTarget(await connect(lookup.redis, lookup.redis.prefix), defaultDomain);
   return { admin: new RouteAdmin(new FileHashStore(lookup.file!, defaultDomain)), defaultDomain };
+}
+
+function redisTarget(store: RedisHashStore, defaultDomain: string | undefined): Target {
+  return { admin: new RouteAdmin(store), fleet: store, ...(defaultDomain !== undefined ? { defaultDomain } : {}) };
 }
 
 async function connect(endpoint: RedisEndpoint, prefix: string): Promise<RedisHashStore> {

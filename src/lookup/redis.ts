@@ -1,6 +1,7 @@
 import { ReplyError, type Redis, type RedisOptions } from 'ioredis';
 import { MalformedRecord, parseOrMalformed, parseSlot, parseStore, parseUser, type ObjectRecord } from './model.js';
 import { openRedis, type RedisEndpoint } from './redis-endpoint.js';
+import { RedisKeys } from './redis-keys.js';
 import { parseEvent, type ChangeEvent, type ReadResult, type RouteRecords, type RouteSource } from './source.js';
 
 export interface RedisSourceOptions {
@@ -72,10 +73,12 @@ export class RedisSource implements RouteSource {
   private readonly cmd: Redis;
   private sub: Redis | undefined;
   private readonly prefix: string;
+  private readonly keys: RedisKeys;
   private heartbeat: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: RedisSourceOptions) {
     this.prefix = opts.prefix;
+    this.keys = new RedisKeys(opts.prefix);
     this.cmd = openRedis(opts.endpoint, this.clientOptions());
     this.cmd.on('error', (e: Error) => opts.onError?.(e));
   }
@@ -85,7 +88,7 @@ export class RedisSource implements RouteSource {
   }
 
   private key(kind: ChangeEvent['kind'], id: string): string {
-    return `${this.prefix}${kind}:${id}`;
+    return this.keys.object(kind, id);
   }
 
   ready(timeoutMs: number): Promise<boolean> {
@@ -131,7 +134,7 @@ export class RedisSource implements RouteSource {
   }
 
   watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void {
-    const channel = `${this.prefix}events`;
+    const channel = this.keys.events;
     // The subscriber keeps retrying forever (offline queue on), but we subscribe ourselves
     // on every 'ready' so that we know the moment events flow again and can resync.
     const sub = openRedis(this.opts.endpoint, {

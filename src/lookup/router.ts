@@ -61,6 +61,8 @@ export interface RouterStats {
   /** Objects whose record is currently unreadable (each counts as locked). */
   malformed: number;
   live: boolean;
+  /** The last event applied (not resyncs): what it named, and when (ms since epoch). */
+  lastEvent: { kind: string; id: string; at: number } | undefined;
 }
 
 const RESYNC_BATCH = 1000;
@@ -129,6 +131,7 @@ export class Router {
     olderEpochsIgnored: 0,
     malformed: 0,
     live: false,
+    lastEvent: undefined,
   };
 
   constructor(
@@ -302,6 +305,8 @@ export class Router {
     }
     this.generation++;
     evs.forEach((ev, i) => this.apply(ev, records[i], false));
+    const last = evs[evs.length - 1];
+    if (last) this.stats.lastEvent = { kind: last.kind, id: last.id, at: Date.now() };
     return true;
   }
 

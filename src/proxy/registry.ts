@@ -61,6 +61,13 @@ export class SessionRegistry implements ChangeListener {
     return out;
   }
 
+  /** Sessions per slot (or per store): one number per key of the index, no scan of sessions. */
+  countBy(what: 'slot' | 'store'): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [id, set] of what === 'slot' ? this.bySlot : this.byStore) out[id] = set.size;
+    return out;
+  }
+
   sessionsOf(kind: ChangeEvent['kind'], id: string): LiveSession[] {
     const index = kind === 'user' ? this.byLogin : kind === 'store' ? this.byStore : this.bySlot;
     return [...(index.get(id) ?? [])];

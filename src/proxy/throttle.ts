@@ -2,6 +2,7 @@ import type { Redis } from 'ioredis';
 import type { Logger } from '../log.js';
 import { failFastRedisOptions } from '../lookup/redis.js';
 import { openRedis, type RedisEndpoint } from '../lookup/redis-endpoint.js';
+import { RedisKeys } from '../lookup/redis-keys.js';
 import type { Sweep } from './sweep.js';
 
 // The failed-login throttle per client address, and the failure delay. Both are driven by
@@ -56,7 +57,7 @@ const MAX_REFUSAL_ENTRIES = 10_000;
  */
 export class LoginThrottle {
   private readonly redis: ThrottleRedis | undefined;
-  private readonly prefix: string;
+  private readonly keys: RedisKeys;
   private window: number;
   private local = new Map<string, number>();
   private refusals = new Map<string, { count: number; why: string }>();
@@ -70,7 +71,7 @@ export class LoginThrottle {
     sweep: Sweep,
   ) {
     this.window = this.windowOf(Date.now());
-    this.prefix = opts.redis?.prefix ?? '';
+    this.keys = new RedisKeys(opts.redis?.prefix ?? '');
     if (opts.redis) {
       // A login never waits for Redis: while it is away the count is local.
       const redis = openRedis(opts.redis.endpoint, failFastRedisOptions(opts.redis.commandTimeoutMs));
@@ -104,7 +105,7 @@ export class LoginThrottle {
     let n: number | undefined;
     if (this.redis?.status === 'ready') {
       try {
-        n = await this.redis.throttleReserve(`${this.prefix}throttle:${ip}:${window}`, 2 * this.opts.windowMs);
+        n = await this.redis.throttleReserve(this.keys.throttle(ip, window), 2 * this.opts.windowMs);
         if (this.redisWasDown) {
           this.redisWasDown = false;
           this.opts.log.info('login throttle counts in Redis again');
@@ -129,7 +130,7 @@ export class LoginThrottle {
   /** The attempt succeeded: it gives its place back. */
   succeeded(r: Reservation): void {
     if (r.inRedis) {
-      if (this.redis?.status === 'ready') this.redis.throttleGiveBack(`${this.prefix}throttle:${r.ip}:${r.window}`).catch(() => undefined);
+      if (this.redis?.status === 'ready') this.redis.throttleGiveBack(this.keys.throttle(r.ip, r.window)).catch(() => undefined);
       return;
     }
     if (r.window !== this.window) return;

@@ -83,7 +83,7 @@ export async function startProxyProcess(extra: Record<string, unknown>, opts: Pr
     log: () => out,
     stop: () =>
       new Promise((res) => {
-        if (child.exitCode !== null) return res();
+        if (child.exitCode !== null || child.signalCode !== null) return res();
         child.once('exit', () => res());
         child.kill('SIGTERM');
       }),

@@ -1,0 +1,86 @@
+import { execFile } from 'node:child_process';
+import { resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { HeartbeatRecord } from '../src/fleet/records.js';
+import { connectLines, type LineClient } from './harness/lines.js';
+import { waitUntil } from './harness/proc.js';
+import { startWorld, type World } from './harness/world.js';
+import { startProxyProcess, type ProxyProcess } from './support/process.js';
+import { seedRedis, worldRoutes } from './support/routes.js';
+
+// Issue 9: the fleet as an operator sees it. Two `mailsplice serve` processes on one Redis,
+// each with its heartbeat record; ctl reads them as a failover tool would.
+
+let world: World;
+let proxies: ProxyProcess[] = [];
+
+const execFileP = promisify(execFile);
+const CLI = resolve(import.meta.dirname, '../src/cli.ts');
+const BEAT_MS = 300;
+
+async function ctl(...args: string[]): Promise<string> {
+  const { stdout } = await execFileP(process.execPath, ['--import', 'tsx', CLI, 'ctl', ...args, '--redis', world.redis!.url]);
+  return stdout;
+}
+
+async function proxiesNow(): Promise<HeartbeatRecord[]> {
+  return JSON.parse(await ctl('proxies', '--json')) as HeartbeatRecord[];
+}
+
+async function login(port: number, user: string, pass: string): Promise<LineClient> {
+  const c = await connectLines({ host: '127.0.0.1', port, timeoutMs: 20_000 });
+  await c.readLine();
+  c.send(`a LOGIN ${user} ${pass}`);
+  const answer = (await c.readUntil(/^a /, 20_000)).at(-1)!;
+  if (!answer.startsWith('a OK')) throw new Error(`${user}: ${answer}`);
+  return c;
+}
+
+beforeAll(async () => {
+  world = await startWorld({ redis: true });
+  await seedRedis(world.redis!.url, worldRoutes(world));
+  const cfg = { lookup: { redis: { url: world.redis!.url, proxy_heartbeat_ms: BEAT_MS } } };
+  proxies = await Promise.all([startProxyProcess(cfg, { admin: true }), startProxyProcess(cfg, { admin: true })]);
+});
+
+afterAll(async () => {
+  await Promise.all(proxies.map((p) => p.stop()));
+  await world?.stop();
+});
+
+describe('heartbeat records and ctl proxies', () => {
+  it('lists both proxies with their admin address and sessions, and a killed one drops out within its TTL', { timeout: 60_000 }, async () => {
+    const [p1, p2] = proxies as [ProxyProcess, ProxyProcess];
+    const c = await login(p1.port, 'alice@example.com', 'alicepw');
+    let records: HeartbeatRecord[] = [];
+    await waitUntil(
+      async () => {
+        records = await proxiesNow();
+        return records.length === 2 && records.some((r) => r.sessions.total === 1);
+      },
+      { what: 'both proxies listed, one with a session', timeoutMs: 10_000, describe: () => JSON.stringify(records) },
+    );
+    const r1 = records.find((r) => r.pid === p1.child.pid)!;
+    const r2 = records.find((r) => r.pid === p2.child.pid)!;
+    expect(r1).toMatchObject({ admin: `127.0.0.1:${p1.adminPort}`, workers: 1, ttl_ms: 3 * BEAT_MS, events: { live: true } });
+    expect(r1.sessions).toMatchObject({ total: 1, by_protocol: { imap: 1 }, by_slot: { slotA: 1 } });
+    expect(r2).toMatchObject({ admin: `127.0.0.1:${p2.adminPort}`, sessions: { total: 0 } });
+    expect(Date.parse(r1.started)).toBeLessThanOrEqual(Date.parse(r1.updated));
+
+    const text = await ctl('proxies');
+    expect(text.split('\n')[0]).toMatch(/^PROXY\s+ADMIN\s+UP\s+WORKERS\s+SESSIONS\s+EVENTS\s+LAST EVENT\s+BEAT$/);
+    expect(text).toContain(`127.0.0.1:${p1.adminPort}`);
+    expect(text).toMatch(/\blive\b/);
+    c.close();
+
+    // kill -9: nothing cleans up; the record's TTL does.
+    const killedAt = Date.now();
+    p2.child.kill('SIGKILL');
+    await waitUntil(async () => (await proxiesNow()).every((r) => r.pid !== p2.child.pid), { what: 'killed proxy gone from ctl proxies', timeoutMs: 10_000 });
+    const gone = Date.now() - killedAt;
+    // Within its TTL, plus one beat of slack for the check itself (ctl starts a process).
+    expect(gone).toBeLessThan(3 * BEAT_MS + 5000);
+    expect((await proxiesNow()).map((r) => r.pid)).toEqual([p1.child.pid]);
+  });
+});
