@@ -41,7 +41,9 @@ beforeAll(async () => {
   world = await startWorld({ redis: true });
   await seedRedis(world.redis!.url, worldRoutes(world));
   const cfg = { lookup: { redis: { url: world.redis!.url, proxy_heartbeat_ms: BEAT_MS } } };
-  proxies = await Promise.all([startProxyProcess(cfg, { admin: true }), startProxyProcess(cfg, { admin: true })]);
+  // One after the other: ports picked at once by two starts can collide.
+  proxies.push(await startProxyProcess(cfg, { admin: true }));
+  proxies.push(await startProxyProcess(cfg, { admin: true }));
 });
 
 afterAll(async () => {

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
-import { freePort } from '../harness/ports.js';
+import { freePorts } from '../harness/ports.js';
 import { tempDir } from './tmp.js';
 
 export interface ProxyProcess {
@@ -34,9 +34,11 @@ export interface ProxyProcessOptions {
  * server when asked for); `extra` is merged into the config.
  */
 export async function startProxyProcess(extra: Record<string, unknown>, opts: ProxyProcessOptions = {}): Promise<ProxyProcess> {
-  const port = await freePort('127.0.0.1');
-  const lmtpPort = opts.lmtp ? await freePort('127.0.0.1') : undefined;
-  const adminPort = opts.admin ? await freePort('127.0.0.1') : undefined;
+  // Distinct ports in one go: separate freePort calls may hand out the same port twice.
+  const free = await freePorts('127.0.0.1', 3);
+  const port = free[0]!;
+  const lmtpPort = opts.lmtp ? free[1] : undefined;
+  const adminPort = opts.admin ? free[2] : undefined;
   const listeners: Record<string, unknown>[] = [{ protocol: 'imap', address: '127.0.0.1', port }];
   if (lmtpPort !== undefined) listeners.push({ protocol: 'lmtp', address: '127.0.0.1', port: lmtpPort });
   const dir = tempDir('proc');
