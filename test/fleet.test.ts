@@ -43,7 +43,8 @@ beforeAll(async () => {
   const cfg = { lookup: { redis: { url: world.redis!.url, proxy_heartbeat_ms: BEAT_MS } } };
   // One after the other: ports picked at once by two starts can collide.
   proxies.push(await startProxyProcess(cfg, { admin: true }));
-  proxies.push(await startProxyProcess(cfg, { admin: true }));
+  // The second with two workers: its primary writes the record, summing what the workers hold.
+  proxies.push(await startProxyProcess({ ...cfg, workers: 2 }, { admin: true }));
 });
 
 afterAll(async () => {
@@ -55,20 +56,24 @@ describe('heartbeat records and ctl proxies', () => {
   it('lists both proxies with their admin address and sessions, and a killed one drops out within its TTL', { timeout: 60_000 }, async () => {
     const [p1, p2] = proxies as [ProxyProcess, ProxyProcess];
     const c = await login(p1.port, 'alice@example.com', 'alicepw');
+    // Three sessions on the two-worker proxy: whichever workers took them, the record sums them.
+    const more = [await login(p2.port, 'alice@example.com', 'alicepw'), await login(p2.port, 'bob@example.com', 'bobpw'), await login(p2.port, 'carol@example.com', 'carolpw')];
     let records: HeartbeatRecord[] = [];
     await waitUntil(
       async () => {
         records = await proxiesNow();
-        return records.length === 2 && records.some((r) => r.sessions.total === 1);
+        return records.length === 2 && records.some((r) => r.sessions.total === 1) && records.some((r) => r.sessions.total === 3);
       },
-      { what: 'both proxies listed, one with a session', timeoutMs: 10_000, describe: () => JSON.stringify(records) },
+      { what: 'both proxies listed with their sessions', timeoutMs: 10_000, describe: () => JSON.stringify(records) },
     );
     const r1 = records.find((r) => r.pid === p1.child.pid)!;
     const r2 = records.find((r) => r.pid === p2.child.pid)!;
     expect(r1).toMatchObject({ admin: `127.0.0.1:${p1.adminPort}`, workers: 1, ttl_ms: 3 * BEAT_MS, events: { live: true } });
     expect(r1.sessions).toMatchObject({ total: 1, by_protocol: { imap: 1 }, by_slot: { slotA: 1 } });
-    expect(r2).toMatchObject({ admin: `127.0.0.1:${p2.adminPort}`, sessions: { total: 0 } });
+    expect(r2).toMatchObject({ admin: `127.0.0.1:${p2.adminPort}`, workers: 2, events: { live: true } });
+    expect(r2.sessions).toMatchObject({ total: 3, by_protocol: { imap: 3 }, by_slot: { slotA: 2, slotB: 1 } });
     expect(Date.parse(r1.started)).toBeLessThanOrEqual(Date.parse(r1.updated));
+    for (const m of more) m.close();
 
     const text = await ctl('proxies');
     expect(text.split('\n')[0]).toMatch(/^PROXY\s+ADMIN\s+UP\s+WORKERS\s+SESSIONS\s+EVENTS\s+LAST EVENT\s+BEAT$/);
@@ -78,11 +83,11 @@ describe('heartbeat records and ctl proxies', () => {
 
     // kill -9: nothing cleans up; the record's TTL does.
     const killedAt = Date.now();
-    p2.child.kill('SIGKILL');
-    await waitUntil(async () => (await proxiesNow()).every((r) => r.pid !== p2.child.pid), { what: 'killed proxy gone from ctl proxies', timeoutMs: 10_000 });
+    p1.child.kill('SIGKILL');
+    await waitUntil(async () => (await proxiesNow()).every((r) => r.pid !== p1.child.pid), { what: 'killed proxy gone from ctl proxies', timeoutMs: 10_000 });
     const gone = Date.now() - killedAt;
-    // Within its TTL, plus one beat of slack for the check itself (ctl starts a process).
+    // Within its TTL, plus slack for the check itself (each ctl run starts a process).
     expect(gone).toBeLessThan(3 * BEAT_MS + 5000);
-    expect((await proxiesNow()).map((r) => r.pid)).toEqual([p1.child.pid]);
+    expect((await proxiesNow()).map((r) => r.pid)).toEqual([p2.child.pid]);
   });
 });
