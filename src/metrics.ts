@@ -20,6 +20,26 @@ export function createMetrics(ctx: ProxyContext): Registry {
     },
   });
   new Gauge({
+    name: 'mailsplice_slot_sessions',
+    help: 'Logged-in IMAP/POP3 sessions and LMTP deliveries under way, by slot',
+    labelNames: ['slot'],
+    registers: [registry],
+    collect() {
+      this.reset(); // a slot with no session left has no series
+      for (const [slot, n] of Object.entries(ctx.registry.countBy('slot'))) this.set({ slot }, n);
+    },
+  });
+  new Gauge({
+    name: 'mailsplice_store_sessions',
+    help: 'Logged-in IMAP/POP3 sessions and LMTP deliveries under way, by store',
+    labelNames: ['store'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [store, n] of Object.entries(ctx.registry.countBy('store'))) this.set({ store }, n);
+    },
+  });
+  new Gauge({
     name: 'mailsplice_preauth_connections',
     help: 'Connections still in the pre-auth dialogue',
     registers: [registry],
@@ -84,5 +104,6 @@ export function createMetrics(ctx: ProxyContext): Registry {
   simple('mailsplice_spliced_bytes_client_to_backend_total', 'Bytes spliced from clients to backends', () => spliceTotals.clientToBackend);
   simple('mailsplice_spliced_bytes_backend_to_client_total', 'Bytes spliced from backends to clients', () => spliceTotals.backendToClient);
   registerLmtpMetrics(registry);
+  ctx.meters.register(registry);
   return registry;
 }

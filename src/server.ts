@@ -10,11 +10,13 @@ import { ProxyTokenChecker } from './auth/oauth-check.js';
 import { createLogger, type Logger } from './log.js';
 import { FileSource } from './lookup/file.js';
 import { RedisSource } from './lookup/redis.js';
-import { Router } from './lookup/router.js';
+import { Router, type AppliedEvent } from './lookup/router.js';
+import { Meters } from './proxy/meters.js';
 import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { startHeartbeat, type Heartbeat } from './fleet/heartbeat.js';
 import { localState } from './fleet/state.js';
+import { answerFleetQuestions, fleetAdminSources } from './fleet/admin.js';
 import { createMetrics } from './metrics.js';
 import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
@@ -87,6 +89,22 @@ export function slotLoginLimits(cfg: Config): SlotLoginLimits {
   return { concurrent: cfg.backend.logins_per_slot, queue: cfg.backend.login_queue_per_slot, queueTimeoutMs: cfg.backend.login_queue_timeout_ms };
 }
 
+/** One line per applied route event (the failover, lock or kick an operator looks for), and its metrics. */
+function logApplied(a: AppliedEvent, log: Logger, meters: Meters): void {
+  const ev = a.event;
+  const lagMs = ev.ts === undefined ? undefined : Math.max(0, Date.now() - ev.ts);
+  meters.routeEvents.inc({ kind: ev.kind });
+  if (lagMs !== undefined) meters.eventLag.observe({ kind: ev.kind }, lagMs / 1000);
+  log.info('route event', {
+    kind: ev.kind,
+    ...(ev.kind === 'kick' ? { scope: ev.scope } : {}),
+    id: ev.id,
+    ...(a.epoch === undefined ? {} : { epoch: a.epoch }),
+    ended: a.ended,
+    ...(lagMs === undefined ? {} : { lag_ms: lagMs }),
+  });
+}
+
 export function createSource(cfg: Config, log: Logger, onError: (e: Error) => void = lookupErrors(cfg, log).onError): RouteSource {
   if (cfg.lookup.redis) {
     const r = cfg.lookup.redis;
@@ -115,6 +133,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
   const oauth = cfg.auth.oauth;
   const tokens = oauth && (oauth.introspection || oauth.jwt) ? new ProxyTokenChecker(oauth, log) : undefined;
   const lookupLog = lookupErrors(cfg, log);
+  const meters = new Meters();
   const source = createSource(cfg, log, lookupLog.onError);
   const router = new Router(source, {
     defaultDomain: cfg.lookup.default_domain,
@@ -129,6 +148,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
       if (live) log.info('route events live', { resynced });
       else log.warn('route events lost; cache trusted for max_stale_ms more', { max_stale_ms: cfg.lookup.max_stale_ms });
     },
+    onApplied: (a) => logApplied(a, log, meters),
   });
   const registry = new SessionRegistry();
   router.addListener(registry);
@@ -156,6 +176,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
     ownListeners: new OwnListeners(),
     slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
+    meters,
     ...(passwords ? { passwords } : {}),
     ...(oauth ? { oauth } : {}),
     ...(tokens ? { tokens } : {}),
@@ -226,16 +247,19 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
       retiring.push(r.lmtp.close());
     }
   };
+  let listening = false;
+  asks.onAsk('state', () => localState(registry, router));
+  answerFleetQuestions(asks, { registry, router, source, listening: () => listening });
   try {
     for (const l of cfg.listeners) await startListener(l, cfg);
+    listening = true;
     if (cfg.admin) {
       answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
       if (local) {
-        admin = await startAdmin(cfg.admin, instanceAdminSources(local));
+        admin = await startAdmin(cfg.admin, { ...instanceAdminSources(local), ...fleetAdminSources(local, (l) => router.normalize(l)) });
         log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
       }
     }
-    asks.onAsk('state', () => localState(registry, router));
     // The heartbeat is the instance's: here when this process is the whole instance, else the primary's.
     if (local) heartbeat = startHeartbeat(cfg, local, log, 1);
   } catch (e) {

@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { runCtl } from '../src/ctl.js';
 import { FileSource, parseModel } from '../src/lookup/file.js';
 import { MalformedRecord } from '../src/lookup/model.js';
-import type { ChangeEvent } from '../src/lookup/source.js';
+import type { RouteEvent } from '../src/lookup/source.js';
 import { tempDir } from './support/tmp.js';
 
 // `mailsplice ctl --file`: the same commands against the embedded routes file, which is
@@ -72,7 +72,7 @@ describe('ctl against the routes file', () => {
   it('is seen by a running FileSource as events', async () => {
     const { file } = routesFile();
     const src = new FileSource(file, undefined);
-    const seen: ChangeEvent[] = [];
+    const seen: RouteEvent[] = [];
     src.watch((ev) => seen.push(ev), () => undefined);
     try {
       expect((await ctl(file, 'failover', 'store1', '--to', 'slotB', '--force')).code).toBe(0);

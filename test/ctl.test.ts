@@ -9,7 +9,7 @@ import { RedisHashStore } from '../src/ctl/redis-store.js';
 import { RouteAdmin } from '../src/lookup/admin.js';
 import { parseModel } from '../src/lookup/file.js';
 import { RedisSource } from '../src/lookup/redis.js';
-import type { ChangeEvent } from '../src/lookup/source.js';
+import type { ChangeEvent, RouteEvent } from '../src/lookup/source.js';
 import { startRedis, type RedisServer } from './harness/redis.js';
 import { tempDir } from './support/tmp.js';
 
@@ -322,7 +322,7 @@ describe('mailsplice ctl in-process', () => {
   it("reaches a proxy's RedisSource: two store events, then the new master on read", async () => {
     await seed();
     const src = new RedisSource({ endpoint: { url: redis.url }, prefix, commandTimeoutMs: 2000 });
-    const seen: ChangeEvent[] = [];
+    const seen: RouteEvent[] = [];
     await new Promise<void>((res) => src.watch((ev) => seen.push(ev), (up) => up && res()));
     try {
       expect((await ctl('failover', 'store1', '--to', 'slotC')).code).toBe(0);

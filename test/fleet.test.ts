@@ -52,6 +52,46 @@ afterAll(async () => {
   await world?.stop();
 });
 
+interface WhoRow {
+  proxy: string;
+  sessions: { login: string; protocol: string; slot: string; ip: string; bytes_in: number; session: string }[];
+  error?: string;
+}
+
+describe('ctl who and ctl kick across two proxies', () => {
+  it('who lists the sessions of both; a kick of one user ends exactly the sessions of that user on both', { timeout: 60_000 }, async () => {
+    const [p1, p2] = proxies as [ProxyProcess, ProxyProcess];
+    const alice = [await login(p1.port, 'alice@example.com', 'alicepw'), await login(p2.port, 'alice@example.com', 'alicepw')];
+    const others = [await login(p1.port, 'bob@example.com', 'bobpw'), await login(p2.port, 'carol@example.com', 'carolpw')];
+
+    const rows = JSON.parse(await ctl('who', '--json')) as WhoRow[];
+    expect(rows.map((r) => r.error)).toEqual([undefined, undefined]);
+    const logins = (r: WhoRow) => r.sessions.map((s) => s.login).sort();
+    const byPid = (pid: number | undefined) => rows.find((r) => r.proxy.endsWith(`:${pid}`))!;
+    expect(logins(byPid(p1.child.pid))).toEqual(['alice@example.com', 'bob@example.com']);
+    expect(logins(byPid(p2.child.pid))).toEqual(['alice@example.com', 'carol@example.com']);
+    expect(byPid(p1.child.pid).sessions[0]).toMatchObject({ protocol: 'imap', ip: '127.0.0.1' });
+    // Filtered, and as the table an operator reads.
+    const onlyAlice = JSON.parse(await ctl('who', '--user', 'ALICE@example.com', '--json')) as WhoRow[];
+    expect(onlyAlice.flatMap(logins)).toEqual(['alice@example.com', 'alice@example.com']);
+    const text = (await ctl('who', '--slot', 'slotB')).trimEnd();
+    expect(text.split('\n')[0]).toMatch(/^PROXY\s+LOGIN\s+PROTO\s+CLIENT\s+SLOT\s+AGE\s+IN\s+OUT$/);
+    expect(text.split('\n').slice(1).map((l) => l.split(/\s+/)[1])).toEqual(['bob@example.com']);
+
+    const out = JSON.parse(await ctl('kick', 'alice@example.com', '--json')) as { subscribers: number };
+    expect(out.subscribers).toBe(3); // one subscription per serving process: 1 + 2 workers
+    for (const c of alice) expect(await c.readLine(20_000)).toBe('* BYE [UNAVAILABLE] Session ended by the administrator');
+    // The others were not touched: they answer, and both proxies still hold them.
+    for (const c of others) {
+      c.send('n NOOP');
+      expect((await c.readUntil(/^n /)).at(-1)).toMatch(/^n OK/);
+    }
+    const after = JSON.parse(await ctl('who', '--json')) as WhoRow[];
+    expect(after.flatMap(logins).sort()).toEqual(['bob@example.com', 'carol@example.com']);
+    for (const c of [...alice, ...others]) c.close();
+  });
+});
+
 describe('heartbeat records and ctl proxies', () => {
   it('lists both proxies with their admin address and sessions, and a killed one drops out within its TTL', { timeout: 60_000 }, async () => {
     const [p1, p2] = proxies as [ProxyProcess, ProxyProcess];

@@ -9,6 +9,8 @@ import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } fr
 import { instanceAdminSources, primaryRegistry } from './instance.js';
 import { IpLedger, type IpDenials } from './ip-limits.js';
 import { startHeartbeat, type Heartbeat } from '../fleet/heartbeat.js';
+import { fleetAdminSources } from '../fleet/admin.js';
+import { normalizeLogin } from '../lookup/model.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
 import { nextInForce } from '../reload.js';
 
@@ -156,7 +158,10 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
 
   try {
     if (cfg.admin) {
-      admin = await startAdmin(cfg.admin, instanceAdminSources(asks, primaryRegistry(ledger)));
+      admin = await startAdmin(cfg.admin, {
+        ...instanceAdminSources(asks, primaryRegistry(ledger)),
+        ...fleetAdminSources(asks, (l) => normalizeLogin(l, cfg.lookup.default_domain)),
+      });
       log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
     }
     await new Promise<void>((resolve, reject) => {

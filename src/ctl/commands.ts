@@ -10,7 +10,7 @@ import { deleteObject, failover, moveUser, setLock } from './ops.js';
 import { DEFAULT_PORTS, checkId, setSlot, setStore, setUser } from './setters.js';
 import { dumpAll, formatDat, formatRoutes, importDat, importRoutes, type ImportResult } from './transfer.js';
 import { whereis } from './whereis.js';
-import { proxiesCommand, type Fleet } from './fleet.js';
+import { kickCommand, proxiesCommand, whoCommand, type Fleet } from './fleet.js';
 
 export type OptionSpec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
 export type Values = Record<string, string | boolean | undefined>;
@@ -19,6 +19,8 @@ export interface Ctx {
   admin: RouteAdmin;
   /** The running proxies (Redis lookup only). */
   fleet?: Fleet;
+  /** The config's admin.token_file (with --config), for the proxies' admin listeners. */
+  adminTokenFile?: string;
   defaultDomain?: string;
   json: boolean;
   /** Writes a line (or lines) to stdout. */
@@ -420,4 +422,6 @@ export const COMMANDS: readonly Command[] = [
   importCommand,
   exportCommand,
   proxiesCommand,
+  whoCommand,
+  kickCommand,
 ];

@@ -3,13 +3,15 @@ import { closeSync, fsyncSync, openSync, renameSync, rmSync, statSync, writeSync
 import { readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { isMap, isScalar, parseDocument, type Document, type Pair, type YAMLMap } from 'yaml';
+import { isMap, isScalar, isSeq, parseDocument, type Document, type Pair, type YAMLMap } from 'yaml';
 import { MODEL_FIELDS, fromDoc, toDoc, type Hash, type HashStore, type HashWrite, type Plan } from '../lookup/admin.js';
 import { normalizeLogin } from '../lookup/model.js';
 import type { ChangeEvent, ObjectKind } from '../lookup/source.js';
 
 const SECTION: Record<ObjectKind, 'users' | 'stores' | 'slots'> = { user: 'users', store: 'stores', slot: 'slots' };
 const LOCK_WAIT_MS = 10_000;
+/** Kick entries kept in the routes file; older ones are dropped by the next kick. */
+const KICKS_KEPT = 20;
 /** A lock file older than this was left by a ctl that died; nobody holds a write this long. */
 const LOCK_STALE_MS = 30_000;
 
@@ -183,6 +185,30 @@ export class FileHashStore implements HashStore {
     } finally {
       await unlink(lock).catch(() => undefined);
     }
+  }
+
+  /**
+   * Appends `{ <scope>: id, at: <now, ISO> }` to `kicks:`; the proxies watching the file end
+   * the sessions it names that began before `at`. Only the last KICKS_KEPT entries are kept:
+   * older ones have done their work.
+   */
+  async kick(scope: ObjectKind, id: string): Promise<undefined> {
+    await this.locked(async () => {
+      const doc = await this.load();
+      if (doc.contents === null) doc.contents = doc.createNode({});
+      let list = doc.get('kicks');
+      if (list === undefined || list === null) {
+        list = doc.createNode([]);
+        doc.set('kicks', list);
+      }
+      if (!isSeq(list)) throw new Error(`${this.path}: "kicks" must be a list`);
+      const entry = doc.createNode({ [scope]: id, at: new Date().toISOString() });
+      entry.flow = true;
+      list.items.push(entry);
+      while (list.items.length > KICKS_KEPT) list.items.shift();
+      this.writeAtomically(this.path.endsWith('.json') ? `${JSON.stringify(doc.toJS(), null, 2)}\n` : doc.toString({ lineWidth: 0 }));
+    });
+    return undefined;
   }
 
   async list(kind: ObjectKind): Promise<string[]> {

@@ -150,6 +150,11 @@ export class RedisHashStore implements HashStore, Fleet {
     return [...ids].sort();
   }
 
+  async kick(scope: ObjectKind, id: string): Promise<number> {
+    const ev = { kind: 'kick', [scope === 'user' ? 'id' : scope]: id, ts: Date.now() };
+    return this.redis.publish(this.keys.events, JSON.stringify(ev));
+  }
+
   /** The live proxies' heartbeat records (see src/fleet/records.ts). */
   proxies(): Promise<HeartbeatRecord[]> {
     return readHeartbeats(this.redis, this.keys);

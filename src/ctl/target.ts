@@ -19,6 +19,8 @@ export interface Target {
   admin: RouteAdmin;
   /** The running proxies' records: Redis only. */
   fleet?: Fleet;
+  /** With --config: its admin.token_file, for asking the proxies' admin listeners (ctl who). */
+  adminTokenFile?: string;
   /** From the config's lookup.default_domain or --default-domain: logins are normalised with it. */
   defaultDomain?: string;
 }
@@ -35,14 +37,17 @@ export async function openTarget(o: TargetOptions, env: NodeJS.ProcessEnv): Prom
   const configFile = o.config ?? env.MAILSPLICE_CONFIG;
   if (!configFile) throw usageError(`no routes given: ${TARGET_HINT}`);
   let lookup;
+  let tokenFile: string | undefined;
   try {
-    lookup = loadConfig(configFile).lookup;
+    const cfg = loadConfig(configFile);
+    lookup = cfg.lookup;
+    tokenFile = cfg.admin?.token_file;
   } catch (e) {
     if (e instanceof ConfigError) throw usageError(e.message);
     throw e;
   }
   const defaultDomain = o.defaultDomain ?? lookup.default_domain;
-  if (lookup.redis) return redisTarget(await connect(lookup.redis, lookup.redis.prefix), defaultDomain);
+  if (lookup.redis) return { ...redisTarget(await connect(lookup.redis, lookup.redis.prefix), defaultDomain), ...(tokenFile ? { adminTokenFile: tokenFile } : {}) };
   return { admin: new RouteAdmin(new FileHashStore(lookup.file!, defaultDomain)), defaultDomain };
 }
 

@@ -2,6 +2,7 @@ import { identityFor } from '../auth/identity.js';
 import { BackendRefused, backendTlsFor } from '../proxy/backend.js';
 import type { ProxyContext } from '../proxy/core.js';
 import type { LiveSession } from '../proxy/registry.js';
+import { newSessionId, type SessionInfo } from '../proxy/session-info.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
 import { RoutingLoop, type LmtpClient, type LmtpClientOptions } from './client.js';
@@ -114,7 +115,7 @@ class Leg {
     // Registered from the start: a failover event that moves one of these users while we
     // talk to the old master aborts this leg (451, Postfix retries against the new one).
     for (const r of this.recipients) {
-      const s: LiveSession = { protocol: 'lmtp', route: r.rcpt.route, end: (why) => this.routeChanged(why) };
+      const s: LiveSession = { protocol: 'lmtp', route: r.rcpt.route, info: this.d.info, bytesUp: 0, bytesDown: 0, end: (why) => this.routeChanged(why) };
       this.sessions.push(s);
       ctx.registry.add(s);
     }
@@ -350,7 +351,11 @@ export class Delivery {
     readonly totals: DeliveryCounters,
   ) {
     this.results = recipients.map(() => undefined);
+    this.info = { id: newSessionId(), started: Date.now(), ip: '', port: 0, listener: 'lmtp', tls: 'none' };
   }
+
+  /** What the session registry shows of this delivery's legs. */
+  readonly info: SessionInfo;
 
   /** Records a recipient's final reply; the first one stands unless `overwrite`. */
   settle(index: number, r: Reply, overwrite = false): void {

@@ -559,7 +559,9 @@ export class LmtpSession {
       : await delivery.finish();
     for (const a of tx.accepted) {
       const r = results[a.unique]!;
-      totals.delivery[r.code < 300 ? 'delivered' : r.code < 500 ? 'deferred' : 'rejected']++;
+      const result = r.code < 300 ? 'delivered' : r.code < 500 ? 'deferred' : 'rejected';
+      totals.delivery[result]++;
+      this.ctx.meters.lmtpDeliveries.inc({ slot: tx.unique[a.unique]!.route.slot, result });
       this.write(r);
     }
     // One line per message, like an MTA's: who, how big, and every recipient's answer.

@@ -68,6 +68,12 @@ export interface HashStore {
   transact<T>(objs: readonly ChangeEvent[], plan: (current: (Hash | undefined)[]) => Plan<T>, opts?: { dryRun?: boolean }): Promise<T>;
   /** Every id of one kind (Redis: SCAN, never KEYS). Sorted. */
   list(kind: ObjectKind): Promise<string[]>;
+  /**
+   * Ends every session of a login, store or slot on every proxy, changing no route: Redis
+   * publishes a kick event (the answer: how many subscriptions heard it), the routes file
+   * gets an entry under `kicks:` (the answer: undefined; the proxies read it when it changes).
+   */
+  kick(scope: ObjectKind, id: string): Promise<number | undefined>;
   close(): Promise<void>;
 }
 
@@ -237,6 +243,10 @@ export class RouteAdmin {
 
   get where(): string {
     return this.store.where;
+  }
+
+  kick(scope: ObjectKind, id: string): Promise<number | undefined> {
+    return this.store.kick(scope, id);
   }
 
   async get<K extends ObjectKind>(kind: K, id: string): Promise<RecordOf[K] | undefined> {

@@ -12,7 +12,7 @@ import {
   type StoreRecord,
   type UserRecord,
 } from './model.js';
-import type { ChangeEvent, ReadResult, RouteRecords, RouteSource } from './source.js';
+import type { ChangeEvent, KickEvent, ReadResult, RouteEvent, RouteRecords, RouteSource } from './source.js';
 
 /**
  * The embedded default: the same model as the Redis contract, in one YAML (or JSON) file:
@@ -33,6 +33,12 @@ export interface FileModel {
   users: Map<string, UserRecord | MalformedRecord>;
   stores: Map<string, StoreRecord | MalformedRecord>;
   slots: Map<string, SlotRecord | MalformedRecord>;
+  /**
+   * `kicks:` (what `ctl kick --file` appends): `{ user: LOGIN | store: ID | slot: ID, at: TIME }`.
+   * A kick that appears in a new read of the file ends the sessions it names that began
+   * before `at`; the ones already there at start are history. Keyed by their text.
+   */
+  kicks: Map<string, KickEvent>;
 }
 
 type RawSection = Record<string, unknown>;
@@ -55,9 +61,9 @@ export function parseModel(text: string, defaultDomain?: string): FileModel {
   const doc = (parseYaml(text) ?? {}) as Record<string, unknown>;
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new Error('top level must be a mapping');
   for (const k of Object.keys(doc)) {
-    if (!['users', 'stores', 'slots'].includes(k)) throw new Error(`unknown top-level key "${k}"`);
+    if (!['users', 'stores', 'slots', 'kicks'].includes(k)) throw new Error(`unknown top-level key "${k}"`);
   }
-  const model: FileModel = { users: new Map(), stores: new Map(), slots: new Map() };
+  const model: FileModel = { users: new Map(), stores: new Map(), slots: new Map(), kicks: parseKicks(doc.kicks, defaultDomain) };
   for (const [id, f] of Object.entries(section(doc, 'users'))) {
     const login = normalizeLogin(id, defaultDomain);
     const u = parseOrMalformed(`users.${id}`, () => parseUser(entry(f), login));
@@ -72,6 +78,28 @@ export function parseModel(text: string, defaultDomain?: string): FileModel {
     if (s) model.slots.set(id, s);
   }
   return model;
+}
+
+/**
+ * The `kicks:` list. A bad entry is skipped (a kick is an action, not a route: nothing to
+ * hold as locked); a `kicks` that is not a list fails the file like any bad section.
+ */
+function parseKicks(v: unknown, defaultDomain: string | undefined): Map<string, KickEvent> {
+  const out = new Map<string, KickEvent>();
+  if (v === undefined || v === null) return out;
+  if (!Array.isArray(v)) throw new Error('"kicks" must be a list');
+  for (const e of v) {
+    if (typeof e !== 'object' || e === null || Array.isArray(e)) continue;
+    const o = e as Record<string, unknown>;
+    const scopes = (['user', 'store', 'slot'] as const).filter((k) => typeof o[k] === 'string' && o[k] !== '');
+    const at = typeof o.at === 'number' ? o.at : typeof o.at === 'string' ? Date.parse(o.at) : o.at instanceof Date ? o.at.getTime() : NaN;
+    if (scopes.length !== 1 || !Number.isFinite(at)) continue;
+    const scope = scopes[0]!;
+    const raw = o[scope] as string;
+    const id = scope === 'user' ? normalizeLogin(raw, defaultDomain) : raw;
+    out.set(`${scope}\0${id}\0${at}`, { kind: 'kick', scope, id, before: at });
+  }
+  return out;
 }
 
 /** The entries of a model that do not parse. */
@@ -106,7 +134,7 @@ export class FileSource implements RouteSource {
   private model: FileModel;
   private watcher: FSWatcher | undefined;
   private debounce: NodeJS.Timeout | undefined;
-  private onChange: (ev: ChangeEvent) => void = () => {};
+  private onChange: (ev: RouteEvent) => void = () => {};
   /** Reads of the file after the first: how many applied, how many were refused as a whole. */
   readonly stats = { reloads: 0, reloadFailures: 0 };
 
@@ -140,7 +168,7 @@ export class FileSource implements RouteSource {
     return objs.map((o) => lookup(this.model, o));
   }
 
-  watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void {
+  watch(onChange: (ev: RouteEvent) => void, live: (up: boolean) => void): void {
     // Watch the directory, not the file: editors and `mv` replace the file (new inode), and
     // a watch on the old inode would go quiet after the first save.
     this.onChange = onChange;
@@ -166,8 +194,10 @@ export class FileSource implements RouteSource {
     this.stats.reloads++;
     this.reportMalformed(next);
     const changes = diffModels(this.model, next);
+    const kicks = [...next.kicks].filter(([key]) => !this.model.kicks.has(key)).map(([, k]) => k);
     this.model = next;
     for (const ev of changes) this.onChange(ev);
+    for (const k of kicks) this.onChange(k);
     return changes;
   }
 

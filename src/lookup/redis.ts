@@ -2,7 +2,7 @@ import { ReplyError, type Redis, type RedisOptions } from 'ioredis';
 import { MalformedRecord, parseOrMalformed, parseSlot, parseStore, parseUser, type ObjectRecord } from './model.js';
 import { openRedis, type RedisEndpoint } from './redis-endpoint.js';
 import { RedisKeys } from './redis-keys.js';
-import { parseEvent, type ChangeEvent, type ReadResult, type RouteRecords, type RouteSource } from './source.js';
+import { parseEvent, type ChangeEvent, type ReadResult, type RouteEvent, type RouteRecords, type RouteSource } from './source.js';
 
 export interface RedisSourceOptions {
   /** One Redis URL, or Sentinel (the current master is asked of the sentinels on every connect). */
@@ -105,6 +105,10 @@ export class RedisSource implements RouteSource {
     });
   }
 
+  reachable(): boolean {
+    return this.cmd.status === 'ready';
+  }
+
   async readRoute(login: string): Promise<RouteRecords> {
     const reply = (await this.cmd.eval(READ_ROUTE, 0, this.prefix, login)) as unknown[];
     const [u, s, sl] = reply.map(pairs) as [Hash, Hash, Hash];
@@ -133,7 +137,7 @@ export class RedisSource implements RouteSource {
     });
   }
 
-  watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void {
+  watch(onChange: (ev: RouteEvent) => void, live: (up: boolean) => void): void {
     const channel = this.keys.events;
     // The subscriber keeps retrying forever (offline queue on), but we subscribe ourselves
     // on every 'ready' so that we know the moment events flow again and can resync.

@@ -11,7 +11,7 @@ import {
   type StoreRecord,
   type UserRecord,
 } from './model.js';
-import type { ChangeEvent, ObjectKind, ReadResult, RouteRecords, RouteSource } from './source.js';
+import type { ChangeEvent, KickEvent, ObjectKind, ReadResult, RouteEvent, RouteRecords, RouteSource } from './source.js';
 
 /** Where the Router says what it did not expect (the process logger fits). */
 export interface RouterLog {
@@ -37,12 +37,28 @@ export interface RouterOptions {
   onError?: (err: Error) => void;
   /** Told when the event stream goes down, and when it is live again after a resync of `resynced` objects. */
   onLive?: (live: boolean, resynced: number) => void;
+  /** Told of every event applied (not resyncs), with the sessions it ended: for the log and metrics. */
+  onApplied?: (applied: AppliedEvent) => void;
+}
+
+/** One route event as applied, for the log and metrics. */
+export interface AppliedEvent {
+  event: RouteEvent;
+  /** A store's epoch as re-read (store events). */
+  epoch?: number;
+  /** Sessions the event ended on this process. */
+  ended: number;
 }
 
 /** Told of every object the Router re-read after an event or a resync. */
 export interface ChangeListener {
-  /** `record`: the object as re-read; a `MalformedRecord` counts as locked; undefined: gone. */
-  changed(ev: ChangeEvent, record: ReadResult): void;
+  /**
+   * `record`: the object as re-read; a `MalformedRecord` counts as locked; undefined: gone.
+   * Returns how many sessions this ended (for the event's log line).
+   */
+  changed(ev: ChangeEvent, record: ReadResult): number;
+  /** A kick: ends the sessions it names; returns how many. */
+  kick?(ev: KickEvent): number;
   /** Objects the listener depends on, re-read on every resync even when not cached. */
   held(): ChangeEvent[];
 }
@@ -141,7 +157,7 @@ export class Router {
 
   start(): void {
     this.source.watch(
-      (ev) => void this.refresh([ev]),
+      (ev) => (ev.kind === 'kick' ? this.kick(ev) : void this.refresh([ev])),
       (up) => (up ? void this.resync() : this.lost()),
     );
   }
@@ -304,10 +320,30 @@ export class Router {
       return false;
     }
     this.generation++;
-    evs.forEach((ev, i) => this.apply(ev, records[i], false));
-    const last = evs[evs.length - 1];
-    if (last) this.stats.lastEvent = { kind: last.kind, id: last.id, at: Date.now() };
+    evs.forEach((ev, i) => {
+      const rec = records[i];
+      const ended = this.apply(ev, rec, false);
+      this.noteApplied({ event: ev, ended, ...(ev.kind === 'store' && isRecord(rec) ? { epoch: (rec as StoreRecord).epoch } : {}) });
+    });
     return true;
+  }
+
+  private noteApplied(a: AppliedEvent): void {
+    const ev = a.event;
+    this.stats.lastEvent = { kind: ev.kind, id: ev.kind === 'kick' && ev.scope !== 'user' ? `${ev.scope}:${ev.id}` : ev.id, at: Date.now() };
+    this.opts.onApplied?.(a);
+  }
+
+  /**
+   * A kick changes no route: nothing is re-read or cached, the listeners end the sessions it
+   * names. A login is named in its normal form, whatever the publisher wrote.
+   */
+  private kick(ev: KickEvent): void {
+    const k = ev.scope === 'user' ? { ...ev, id: this.normalize(ev.id) } : ev;
+    this.stats.events++;
+    let ended = 0;
+    for (const l of this.listeners) ended += l.kick?.(k) ?? 0;
+    this.noteApplied({ event: k, ended });
   }
 
   private forget(ev: ChangeEvent): void {
@@ -321,7 +357,7 @@ export class Router {
    * is gone stays as a tombstone (null) where it was cached, so that a login that raced the
    * event fails its re-check; a resync drops tombstones (it re-reads everything anyway).
    */
-  private apply(ev: ChangeEvent, rec: ReadResult, resync: boolean): void {
+  private apply(ev: ChangeEvent, rec: ReadResult, resync: boolean): number {
     this.stats.events++;
     this.noteRead(ev.kind, ev.id, rec);
     const value: Cached<UserRecord | StoreRecord | SlotRecord> = rec ?? null;
@@ -334,12 +370,14 @@ export class Router {
       if (value === null) {
         if (resync || !this.stores.has(ev.id)) this.stores.delete(ev.id);
         else this.stores.set(ev.id, null);
-      } else if (!this.putStore(ev.id, value as Cached<StoreRecord>, resync, 'an event')) return; // older: nothing changed
+      } else if (!this.putStore(ev.id, value as Cached<StoreRecord>, resync, 'an event')) return 0; // older: nothing changed
     } else if (value === null) {
       if (resync || !this.slots.has(ev.id)) this.slots.delete(ev.id);
       else this.slots.set(ev.id, null);
     } else this.slots.set(ev.id, value as Cached<SlotRecord>);
-    for (const l of this.listeners) l.changed(ev, rec);
+    let ended = 0;
+    for (const l of this.listeners) ended += l.changed(ev, rec);
+    return ended;
   }
 
   private lost(): void {

@@ -8,7 +8,26 @@ export type ObjectKind = 'user' | 'store' | 'slot';
 export interface ChangeEvent {
   kind: ObjectKind;
   id: string;
+  /** When it was published (ms since the epoch), if the publisher said: for the apply-lag metric. */
+  ts?: number;
 }
+
+/**
+ * End sessions without changing a route (a kick is not a lock: the next login works).
+ * On the wire: `{"kind":"kick","id":"<login>"}`, `{"kind":"kick","store":"<id>"}` or
+ * `{"kind":"kick","slot":"<id>"}`. From the routes file, `before` spares sessions that
+ * started after the kick was written (the file is read some time after).
+ */
+export interface KickEvent {
+  kind: 'kick';
+  scope: ObjectKind;
+  id: string;
+  ts?: number;
+  before?: number;
+}
+
+/** Everything the events channel (or the routes file) can say. */
+export type RouteEvent = ChangeEvent | KickEvent;
 
 /**
  * The three records a login needs, read together. Each is absent, a record, or a
@@ -43,25 +62,44 @@ export interface RouteSource {
    * Starts delivering change events. `live(true)` is called once events are flowing (again),
    * `live(false)` as soon as they may be missed; the Router resyncs after every `live(true)`.
    */
-  watch(onChange: (ev: ChangeEvent) => void, live: (up: boolean) => void): void;
+  watch(onChange: (ev: RouteEvent) => void, live: (up: boolean) => void): void;
   /**
    * Resolves once the source can answer, or after `timeoutMs` in any case (false then): a
    * proxy starts even with its lookup down, and answers UNAVAILABLE until it is back.
    */
   ready(timeoutMs: number): Promise<boolean>;
+  /** Whether the source answers now (for /readyz); absent: always. */
+  reachable?(): boolean;
   close(): Promise<void>;
 }
 
+const KICK_SCOPES = { id: 'user', store: 'store', slot: 'slot' } as const;
+
 /** Parses the JSON message of the events channel; undefined for anything malformed (never throws). */
-export function parseEvent(text: string): ChangeEvent | undefined {
+export function parseEvent(text: string): RouteEvent | undefined {
   let v: unknown;
   try {
     v = JSON.parse(text);
   } catch {
     return undefined;
   }
-  if (typeof v !== 'object' || v === null) return undefined;
-  const { kind, id } = v as { kind?: unknown; id?: unknown };
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return undefined;
+  const o = v as Record<string, unknown>;
+  let ts: number | undefined;
+  if (o.ts !== undefined) {
+    // A bad timestamp only loses the lag measurement, never the event.
+    if (typeof o.ts === 'number' && Number.isFinite(o.ts) && o.ts > 0) ts = o.ts;
+  }
+  const withTs = <E extends RouteEvent>(e: E): E => (ts === undefined ? e : { ...e, ts });
+  if (o.kind === 'kick') {
+    const named = (Object.keys(KICK_SCOPES) as (keyof typeof KICK_SCOPES)[]).filter((k) => o[k] !== undefined);
+    if (named.length !== 1) return undefined; // exactly one of id, store, slot
+    const field = named[0]!;
+    const id = o[field];
+    if (typeof id !== 'string' || id === '') return undefined;
+    return withTs({ kind: 'kick', scope: KICK_SCOPES[field], id });
+  }
+  const { kind, id } = o;
   if ((kind !== 'user' && kind !== 'store' && kind !== 'slot') || typeof id !== 'string' || id === '') return undefined;
-  return { kind, id };
+  return withTs({ kind, id });
 }

@@ -22,6 +22,8 @@ import type { TokenChecker } from '../auth/oauth-check.js';
 import type { TokenRefusal } from '../auth/oauth-payload.js';
 import type { OauthConfig } from '../config.js';
 import { normalizeLogin } from '../lookup/model.js';
+import type { BackendFailure, Meters } from './meters.js';
+import { newSessionId, type SessionInfo } from './session-info.js';
 
 /** Login outcomes, counted for metrics. `throttled`: refused by a per-address limit before any lookup. */
 export type LoginResult = 'ok' | 'auth-failed' | 'unavailable' | 'locked' | 'throttled';
@@ -50,6 +52,8 @@ export interface ProxyContext {
   defaultDomain?: string;
   /** The bound on backend logins in progress per slot (a login storm after a failover). */
   slotLogins: SlotLogins;
+  /** Per-login, per-session-end and per-event metrics (src/proxy/meters.ts). */
+  meters: Meters;
 }
 
 /** A protocol's backend login dialogue, given what to log in with on that backend. */
@@ -120,6 +124,12 @@ export abstract class PreauthConnection implements Expiring {
   /** Set while a STARTTLS/STLS handshake runs: the reader is detached then, so the sweep ends it here. */
   private handshaking = false;
   private readonly loginDeadline: number;
+  private id: string | undefined;
+  /** The last login attempt: when it began, and its lookup, backend connect and backend login times (ms). */
+  private loginStarted = 0;
+  private routeMs = 0;
+  private connectMs = 0;
+  private backendMs = 0;
 
   constructor(
     readonly rt: ListenerRuntime,
@@ -165,6 +175,16 @@ export abstract class PreauthConnection implements Expiring {
 
   get ctx(): ProxyContext {
     return this.rt.ctx;
+  }
+
+  /** This connection's session id: made at its first login attempt, sent to IMAP backends, in every line. */
+  get sessionId(): string {
+    return (this.id ??= newSessionId());
+  }
+
+  /** The listener's name for the log: its configured name, or its protocol. */
+  get listenerName(): string {
+    return this.rt.cfg.name ?? this.rt.cfg.protocol;
   }
 
   /** Plaintext credentials may be sent now (TLS is up, or the listener allows cleartext). */
@@ -266,7 +286,7 @@ export abstract class PreauthConnection implements Expiring {
     dialogue: BackendDialogue<T>,
     logout: (result: T) => void,
   ): Promise<{ route: Route; result: T }> {
-    const started = Date.now();
+    const started = (this.loginStarted = Date.now());
     const { gate, throttle } = this.ctx;
     if (!gate.beginLogin(this.clientIp)) {
       throttle.noteRefused(this.clientIp, 'too many logins in progress');
@@ -372,8 +392,11 @@ export abstract class PreauthConnection implements Expiring {
   ): Promise<{ route: Route; result: T }> {
     let route: Route;
     let locked: LookupFailure | undefined;
+    const t0 = Date.now();
+    this.routeMs = this.connectMs = this.backendMs = 0;
     try {
       route = await this.ctx.router.resolve(login);
+      this.routeMs = Date.now() - t0;
     } catch (e) {
       if (!(e instanceof LookupFailure)) throw e;
       if (e.kind === 'unknown-user') throw new LoginFailed('auth-failed', e.message);
@@ -410,21 +433,34 @@ export abstract class PreauthConnection implements Expiring {
     this.deadline = Math.min(this.loginDeadline, Date.now() + this.ctx.backend.login_timeout_ms);
     this.ctx.sweep.add(this); // again: the login deadline may have fired during the lookup
     let result: T;
+    const { meters } = this.ctx;
+    let stage: 'connect' | 'loop' | 'login' = 'connect';
+    const t1 = Date.now();
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true });
+      const t2 = Date.now();
+      this.connectMs = t2 - t1;
+      meters.backendConnectSeconds.observe({ slot: route.slot }, this.connectMs / 1000);
       this.backendSocket = sock;
       if (this.ctx.ownListeners.reaches(sock)) {
+        stage = 'loop';
         this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });
         throw new BackendRefused('unavailable', `slot ${route.slot} (${route.host}:${port}) points at this proxy`);
       }
+      stage = 'login';
       result = await dialogue(route, sock, tls, backendCreds);
+      this.backendMs = Date.now() - t2;
+      meters.backendLoginSeconds.observe({ slot: route.slot }, this.backendMs / 1000);
     } catch (e) {
+      const timedOut = this.backendSocket === undefined && stage === 'login'; // the sweep took it (expire)
       this.backendSocket?.destroy();
       if (e instanceof BackendRefused) {
+        if (e.kind !== 'auth') meters.backendFailures.inc({ slot: route.slot, reason: backendFailure(stage, e.kind, timedOut) });
         const refusal = e.kind === 'auth' && backendCreds.kind === 'token' ? { ...this.refusalExtras(), status: 'invalid_token' as const } : undefined;
         throw new LoginFailed(e.kind === 'auth' ? 'auth-failed' : e.kind, `${route.slot}: ${e.message}`, refusal);
       }
+      meters.backendFailures.inc({ slot: route.slot, reason: backendFailure(stage, undefined, timedOut || /timed? ?out|in time/i.test((e as Error).message)) });
       throw new LoginFailed('unavailable', `${route.slot}: ${(e as Error).message}`);
     } finally {
       this.backendSocket = undefined;
@@ -483,12 +519,30 @@ export abstract class PreauthConnection implements Expiring {
       return true;
     }
     this.ctx.counters.logins[protocol].ok++;
-    const session = new SplicedSession(protocol, route, this.socket, backend, this.ctx, farewell, refuseCompress);
+    const now = Date.now();
+    const info: SessionInfo = { id: this.sessionId, started: now, ip: this.clientIp, port: this.clientPort, listener: this.listenerName, tls: tlsVersion(this.socket) };
+    const session = new SplicedSession(protocol, route, this.socket, backend, info, this.ctx, farewell, refuseCompress);
     this.socket.write(toClient);
+    this.ctx.meters.loginSeconds.observe({ protocol, slot: route.slot }, (now - this.loginStarted) / 1000);
+    this.ctx.log.info('login', {
+      session: info.id,
+      protocol,
+      login: route.login,
+      backend_login: route.backendLogin,
+      ip: info.ip,
+      port: info.port,
+      listener: info.listener,
+      tls: info.tls,
+      store: route.store,
+      slot: route.slot,
+      backend: `${route.host}:${route.ports[protocol] ?? ''}`,
+      route_ms: this.routeMs,
+      connect_ms: this.connectMs,
+      backend_ms: this.backendMs,
+    });
     // The client may have half-closed (or left) while the backend login ran: its end of
     // stream was read then and is passed on by start().
     session.start(clientRest, backendRest, this.socket.readableEnded);
-    this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp });
     return true;
   }
 
@@ -498,8 +552,23 @@ export abstract class PreauthConnection implements Expiring {
     this.ctx.counters.logins[protocol][result]++;
     if (result === 'throttled') return;
     const level = result === 'unavailable' ? 'warn' : 'info';
-    this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message });
+    this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message, session: this.sessionId });
   }
+}
+
+/** The negotiated TLS version of a client connection, or `none`. */
+function tlsVersion(s: Socket): string {
+  const tls = s as Socket & { getProtocol?: () => string | null };
+  return (typeof tls.getProtocol === 'function' ? tls.getProtocol() : null) ?? 'none';
+}
+
+/** A backend failure's reason label (bounded). */
+function backendFailure(stage: 'connect' | 'loop' | 'login', kind: string | undefined, timedOut: boolean): BackendFailure {
+  if (stage === 'loop') return 'loop';
+  if (kind === 'in-use') return 'in-use';
+  if (timedOut) return 'timeout';
+  if (stage === 'connect') return 'connect';
+  return kind === undefined ? 'lost' : 'refused';
 }
 
 /**

@@ -12,12 +12,15 @@ export const HOP_KEY = 'x-mailsplice-hop';
 const HOP_VALUE = `${os.hostname()} pid ${process.pid}`;
 
 /**
- * The ID command pipelined before a backend login: the hop mark always, and the client's
- * address (for the backend's logs and limits) when the operator wants it forwarded.
+ * The ID command pipelined before a backend login: the hop mark always, the session id when
+ * there is one (so the backend's log lines can be joined with the proxy's: Dovecot takes
+ * `x-session-id` from its login_trusted_networks and logs it as `session=<...>`), and the
+ * client's address (for the backend's logs and limits) when the operator wants it forwarded.
  */
-export function backendIdCommand(opts: { clientIp: string; clientPort: number; forwardClientIp: boolean }): string {
+export function backendIdCommand(opts: { clientIp: string; clientPort: number; forwardClientIp: boolean; sessionId?: string }): string {
   const client = opts.forwardClientIp ? ` "x-originating-ip" ${quoted(opts.clientIp)} "x-originating-port" "${opts.clientPort}"` : '';
-  return `I ID (${quoted(HOP_KEY)} ${quoted(HOP_VALUE)}${client})\r\n`;
+  const session = opts.sessionId === undefined ? '' : ` "x-session-id" ${quoted(opts.sessionId)}`;
+  return `I ID (${quoted(HOP_KEY)} ${quoted(HOP_VALUE)}${session}${client})\r\n`;
 }
 
 /**

@@ -87,7 +87,7 @@ export async function imapBackendLogin(
   socket: Socket,
   host: string,
   creds: ImapCredentials,
-  opts: { tls: BackendTlsConfig; clientIp: string; clientPort: number; forwardClientIp: boolean },
+  opts: { tls: BackendTlsConfig; clientIp: string; clientPort: number; forwardClientIp: boolean; sessionId?: string },
 ): Promise<ImapBackendLogin> {
   let sock = socket;
   const reader = new BackendLines(new LineReader(sock, MAX_BACKEND_LINE));

@@ -50,9 +50,9 @@ const Phase = { TAG: 0, NAME: 1, ARGS: 2, RAW: 3 } as const;
 /** How the current line ends so far (only a literal count at its end matters). */
 const End = { MID: 0, OPEN: 1, DIGITS: 2, PLUS: 3, CLOSE: 4, CLOSE_NS: 5, CR: 6, CR_NS: 7 } as const;
 /** The command names looked for, as bits of `ClientCommands.candidates`. */
-const NAMES = ['UNAUTHENTICATE', 'COMPRESS', 'IDLE'].map((n) => Buffer.from(n, 'latin1'));
+const NAMES = ['UNAUTHENTICATE', 'COMPRESS', 'IDLE', 'LOGOUT'].map((n) => Buffer.from(n, 'latin1'));
 const ALL_NAMES = (1 << NAMES.length) - 1;
-const Cmd = { OTHER: 0, UNAUTHENTICATE: 1, COMPRESS: 2, IDLE: 3 } as const;
+const Cmd = { OTHER: 0, UNAUTHENTICATE: 1, COMPRESS: 2, IDLE: 3, LOGOUT: 4 } as const;
 
 /** Counts above this are not literals any client sends (256 TiB). */
 const MAX_LITERAL = 2 ** 48;
@@ -96,6 +96,8 @@ export class ClientCommands {
   waitTag = 0;
   /** Set when the client used something the proxy refuses (Verdict). */
   verdict: number = Verdict.NONE;
+  /** Set once the client sent LOGOUT: the backend closing then is the client's doing (for the log). */
+  loggedOut = false;
   /** Set once COMPRESS was accepted: the stream is deflate both ways and nothing is tracked any more. */
   compressed = false;
   /** Reading a server response's head while waiting: 0 not in one, 1 tag, 2 status word. */
@@ -211,6 +213,7 @@ function lineEnd(t: ClientCommands): boolean {
   }
   // The command is complete.
   const cmd = t.cmd;
+  if (cmd === Cmd.LOGOUT) t.loggedOut = true;
   if (cmd === Cmd.COMPRESS || cmd === Cmd.IDLE) waitFor(t, cmd === Cmd.COMPRESS ? Wait.COMPRESS : Wait.IDLE);
   nextCommand(t);
   return cmd === Cmd.COMPRESS || cmd === Cmd.IDLE;

@@ -182,7 +182,13 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
         'imap',
         creds,
         (route, sock, tls, backendCreds) =>
-          imapBackendLogin(sock, route.host, backendCreds, { tls, clientIp: this.clientIp, clientPort: this.clientPort, forwardClientIp: backend.forward_client_ip }),
+          imapBackendLogin(sock, route.host, backendCreds, {
+            tls,
+            clientIp: this.clientIp,
+            clientPort: this.clientPort,
+            forwardClientIp: backend.forward_client_ip,
+            sessionId: this.sessionId,
+          }),
         (result) => {
           const shown = shownAtLogin(result.untagged, result.okText);
           return {

@@ -1,13 +1,18 @@
 import { staleReason, type Protocol, type Route } from '../lookup/model.js';
 import type { ChangeListener } from '../lookup/router.js';
-import type { ChangeEvent, ReadResult } from '../lookup/source.js';
+import type { ChangeEvent, KickEvent, ReadResult } from '../lookup/source.js';
+import { causeOfStale, KICK_REASON, type EndCause, type SessionInfo } from './session-info.js';
 
 /** A logged-in, spliced session, as the registry sees it. */
 export interface LiveSession {
   readonly protocol: Protocol;
   readonly route: Route;
-  /** Ends the session, telling the client why where the protocol has a way to. */
-  end(reason: string): void;
+  readonly info: SessionInfo;
+  /** Bytes so far, client to backend and backend to client. */
+  readonly bytesUp: number;
+  readonly bytesDown: number;
+  /** Ends the session, telling the client why where the protocol has a way to; `cause` is for the log. */
+  end(reason: string, cause: EndCause): void;
 }
 
 type Index = Map<string, Set<LiveSession>>;
@@ -74,15 +79,51 @@ export class SessionRegistry implements ChangeListener {
   }
 
   /** An object was re-read (event or resync): end the sessions the model's rule says are stale. */
-  changed(ev: ChangeEvent, rec: ReadResult): void {
+  changed(ev: ChangeEvent, rec: ReadResult): number {
+    let ended = 0;
     for (const s of this.sessionsOf(ev.kind, ev.id)) {
       const reason = staleReason(ev.kind, rec, s.route, s.protocol);
       if (reason) {
         this.remove(s);
         this.endedByEvents++;
-        s.end(reason);
+        ended++;
+        s.end(reason, causeOfStale(reason));
       }
     }
+    return ended;
+  }
+
+  /** Ends every session the kick names (from the routes file: only those that began before it). */
+  kick(ev: KickEvent): number {
+    let ended = 0;
+    for (const s of this.sessionsOf(ev.scope, ev.id)) {
+      // A delivery under way is not a session to end: its recipients already got 250.
+      if (s.protocol === 'lmtp') continue;
+      if (ev.before !== undefined && s.info.started > ev.before) continue;
+      this.remove(s);
+      this.endedByEvents++;
+      ended++;
+      s.end(KICK_REASON, 'kick');
+    }
+    return ended;
+  }
+
+  /** Every IMAP and POP3 session matching the filter (for /sessions), from the index the filter names. */
+  list(filter: { user?: string; store?: string; slot?: string } = {}): LiveSession[] {
+    const from = filter.user !== undefined ? this.byLogin.get(filter.user) : filter.store !== undefined ? this.byStore.get(filter.store) : filter.slot !== undefined ? this.bySlot.get(filter.slot) : undefined;
+    const all = filter.user === undefined && filter.store === undefined && filter.slot === undefined;
+    const out: LiveSession[] = [];
+    const pass = (s: LiveSession) =>
+      s.protocol !== 'lmtp' &&
+      (filter.user === undefined || s.route.login === filter.user) &&
+      (filter.store === undefined || s.route.store === filter.store) &&
+      (filter.slot === undefined || s.route.slot === filter.slot);
+    if (all) {
+      for (const set of this.byLogin.values()) for (const s of set) if (s.protocol !== 'lmtp') out.push(s);
+    } else {
+      for (const s of from ?? []) if (pass(s)) out.push(s);
+    }
+    return out;
   }
 
   held(): ChangeEvent[] {
@@ -111,7 +152,7 @@ export class SessionRegistry implements ChangeListener {
     }
     for (const s of picked) {
       this.remove(s);
-      s.end(reason);
+      s.end(reason, 'shutdown');
     }
     return picked.length;
   }
@@ -121,7 +162,7 @@ export class SessionRegistry implements ChangeListener {
     for (const set of [...this.byLogin.values()]) for (const s of [...set]) {
       if (protocols && !protocols.includes(s.protocol)) continue;
       this.remove(s);
-      s.end(reason);
+      s.end(reason, 'shutdown');
     }
   }
 }

@@ -4,7 +4,9 @@ import type { Logger } from '../log.js';
 import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from './imap-commands.js';
 import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from './imap-framing.js';
 import { outgoing, outgoingWritten, readsLanding, setReadSink, type ReadSink } from './read-buffer.js';
+import type { Meters } from './meters.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
+import type { EndCause, SessionInfo } from './session-info.js';
 import type { Expiring, Sweep } from './sweep.js';
 
 /** What every splice shares (one object per process, one pointer per session). */
@@ -14,6 +16,7 @@ export interface SpliceEnv {
   /** half_close_timeout_ms: how long a client may keep its side open after the backend closed. */
   limits: { half_close_timeout_ms: number };
   log: Logger;
+  meters: Meters;
 }
 
 /** Bytes through all splices, for metrics (one add per chunk, no per-session counters). */
@@ -50,8 +53,11 @@ function onClientEnd(this: Socket): void {
 function onBackendEnd(this: Socket): void {
   sessionOf(this).backendEnded();
 }
-function onFailure(this: Socket): void {
-  sessionOf(this).close();
+function onClientFailure(this: Socket): void {
+  sessionOf(this).close('client');
+}
+function onBackendFailure(this: Socket): void {
+  sessionOf(this).close('backend');
 }
 function onBackendClose(this: Socket): void {
   sessionOf(this).closeSoon();
@@ -78,12 +84,18 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
   private readonly commands: ClientCommands | undefined;
   /** IMAP: client bytes held while the client must wait for the server's answer (rare, short). */
   held: Buffer | undefined;
+  /** Bytes client to backend, backend to client (for the session's end line and /sessions). */
+  bytesUp = 0;
+  bytesDown = 0;
+  /** POP3: the client's last command was QUIT (IMAP's LOGOUT is seen by the command tracker). */
+  private quit = false;
 
   constructor(
     readonly protocol: Protocol,
     readonly route: Route,
     readonly client: Socket,
     readonly backend: Socket,
+    readonly info: SessionInfo,
     private readonly env: SpliceEnv,
     /** The line to send the client when an event ends the session, if the protocol has one. */
     private readonly farewell: ((reason: string) => string) | undefined,
@@ -102,11 +114,11 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
     const { client, backend } = this;
     (client as SplicedSocket)[kSession] = this;
     (backend as SplicedSocket)[kSession] = this;
-    client.on('data', onClientData).on('drain', onClientDrain).on('end', onClientEnd).on('error', onFailure).on('close', onFailure);
+    client.on('data', onClientData).on('drain', onClientDrain).on('end', onClientEnd).on('error', onClientFailure).on('close', onClientFailure);
     // A plain backend socket reads into the shared landing buffer (read-buffer.ts) and hands
     // each read to `landed`; others (TLS) emit 'data' as usual.
     if (readsLanding(backend)) setReadSink(backend, this);
-    backend.on('data', onBackendData).on('drain', onBackendDrain).on('end', onBackendEnd).on('error', onFailure).on('close', onBackendClose);
+    backend.on('data', onBackendData).on('drain', onBackendDrain).on('end', onBackendEnd).on('error', onBackendFailure).on('close', onBackendClose);
     this.env.registry.add(this);
     if (this.farewell) initialFraming(this);
     if (pendingToClient.length) {
@@ -128,8 +140,11 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
       if (t.wait !== Wait.NONE) return this.hold(c);
       const stop = trackCommands(t, c);
       if (stop < c.length || t.verdict !== Verdict.NONE) return this.stopped(t, c, stop);
+    } else if (!t && c.length <= 6) {
+      this.quit = isQuit(c);
     }
     spliceTotals.clientToBackend += c.length;
+    this.bytesUp += c.length;
     if (!this.backend.write(c)) this.client.pause();
   }
 
@@ -155,6 +170,7 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
   private toClient(c: Buffer): boolean {
     if (this.closed) return true;
     spliceTotals.backendToClient += c.length;
+    this.bytesDown += c.length;
     const t = this.commands;
     if (t && t.wait !== Wait.NONE) watchAnswers(t, this, c);
     else if (this.farewell && !t?.compressed) trackFraming(this, c);
@@ -168,11 +184,12 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
     if (t.verdict !== Verdict.NONE) {
       const what = t.verdict === Verdict.UNAUTHENTICATE ? 'UNAUTHENTICATE' : t.verdict === Verdict.COMPRESS ? 'COMPRESS' : 'a literal count no client sends';
       this.env.log.info('session ended: the client used what the proxy does not pass on', { login: this.route.login, slot: this.route.slot, what });
-      this.end(t.verdict === Verdict.LOST ? 'Protocol error' : `${what} is not available through this proxy`);
+      this.end(t.verdict === Verdict.LOST ? 'Protocol error' : `${what} is not available through this proxy`, 'refused');
       return;
     }
     if (stop > 0) {
       spliceTotals.clientToBackend += stop;
+      this.bytesUp += stop;
       this.backend.write(c.subarray(0, stop));
     }
     if (stop < c.length) this.hold(c.subarray(stop));
@@ -193,10 +210,11 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
   }
 
   /** An event made this session wrong: say so where the protocol allows, then close both sides. */
-  end(reason: string): void {
+  end(reason: string, cause: EndCause): void {
     if (this.closed) return;
     this.closed = true;
     this.env.registry.remove(this);
+    this.finished(cause, reason);
     // Nothing moves either way from here on. The old backend connection is closed once the
     // current batch of ended sessions has had its BYEs: an event ends thousands of sessions
     // in one loop, and closing each backend first (a close is as dear as the BYE's write)
@@ -225,11 +243,11 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
   /** The client kept its side open too long after the backend closed. */
   expire(): void {
     this.deadline = 0;
-    this.close();
+    this.close('limit');
   }
 
   /** Either side failed, or the client went away: close both at once. */
-  close(): void {
+  close(cause: EndCause): void {
     if (this.deadline) {
       this.env.sweep.delete(this);
       this.deadline = 0;
@@ -237,6 +255,7 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
     if (!this.closed) {
       this.closed = true;
       this.env.registry.remove(this);
+      this.finished(cause);
     }
     this.client.destroy();
     this.backend.destroy();
@@ -247,8 +266,38 @@ export class SplicedSession implements LiveSession, FramingState, Expiring, Read
     if (this.closed) return;
     this.closed = true;
     this.env.registry.remove(this);
+    // The backend closes after a LOGOUT or QUIT too: then it was the client's doing.
+    const byClient = this.quit || this.commands?.loggedOut === true || this.client.readableEnded;
+    this.finished(byClient ? 'client' : 'backend');
     this.backendEnded();
   }
+
+  /** The session's end line and metric: once, when it stops moving bytes. */
+  private finished(cause: EndCause, why?: string): void {
+    const { route, info } = this;
+    this.env.meters.sessionsEnded.inc({ protocol: this.protocol, reason: cause });
+    this.env.log.info('session end', {
+      session: info.id,
+      protocol: this.protocol,
+      login: route.login,
+      ip: info.ip,
+      port: info.port,
+      store: route.store,
+      slot: route.slot,
+      duration_ms: Date.now() - info.started,
+      bytes_in: this.bytesUp,
+      bytes_out: this.bytesDown,
+      ended_by: cause,
+      ...(why === undefined ? {} : { why }),
+    });
+  }
+}
+
+/** `QUIT` and a line end, any case: a POP3 client saying goodbye (read without allocating). */
+function isQuit(c: Buffer): boolean {
+  if (c.length < 5) return false;
+  const w = (c[0]! | 0x20) === 0x71 && (c[1]! | 0x20) === 0x75 && (c[2]! | 0x20) === 0x69 && (c[3]! | 0x20) === 0x74;
+  return w && (c[4] === 13 || c[4] === 10);
 }
 
 let toClose: Socket[] = [];
