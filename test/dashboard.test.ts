@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse as parseYaml } from 'yaml';
 import { connectLines } from './harness/lines.js';
 import { lmtpTransaction } from './harness/lmtp.js';
+import { freePort } from './harness/ports.js';
 import { waitUntil } from './harness/proc.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxyProcess, type ProxyProcess } from './support/process.js';
@@ -60,7 +61,17 @@ describe('dashboard and alert rules against a real scrape', () => {
     expect(tx.results).toEqual([expect.stringMatching(/^250/)]);
     const r = new Redis(world.redis!.url);
     await r.publish('ms:events', JSON.stringify({ kind: 'slot', id: 'slotB', ts: Date.now() }));
+    // A slot nobody listens on: a backend failure, counted by slot and reason.
+    const deadPort = await freePort();
+    await r.hset('ms:slot:slotDead', { host: '127.0.0.1', imap: String(deadPort), pop3: '110', lmtp: '24', status: 'up' });
+    await r.hset('ms:store:storeDead', { master: 'slotDead', status: 'active', epoch: '1' });
+    await r.hset('ms:user:dead@example.com', { store: 'storeDead' });
     r.disconnect();
+    const d = await connectLines({ host: '127.0.0.1', port: proxy.port });
+    await d.readLine();
+    d.send('a LOGIN dead@example.com pw');
+    expect((await d.readUntil(/^a /, 20_000)).at(-1)).toMatch(/^a NO \[UNAVAILABLE\]/);
+    d.close();
     let text = '';
     await waitUntil(
       async () => {
@@ -86,6 +97,7 @@ describe('dashboard and alert rules against a real scrape', () => {
     expect(text).toMatch(/mailsplice_lmtp_slot_deliveries_total\{slot="slotB",result="delivered"\} 1/);
     expect(text).toMatch(/mailsplice_logins_total\{protocol="imap",result="ok"\} 1/);
     expect(text).toMatch(/mailsplice_route_events_applied_total\{kind="slot"\} 1/);
+    expect(text).toMatch(/mailsplice_backend_failures_total\{slot="slotDead",reason="connect"\} 1/);
     expect(text).not.toMatch(/alice/); // never a user in a label
   });
 

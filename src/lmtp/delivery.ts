@@ -282,6 +282,7 @@ class Leg {
 
   private noteFailure(e: Error): void {
     this.d.totals.backendFailures++;
+    this.ctx.meters.backendFailures.inc({ slot: this.route.slot, reason: e instanceof RoutingLoop ? 'loop' : 'lmtp' });
     if (e instanceof RoutingLoop) this.ctx.log.error('routing loop: slot points at this proxy', { slot: this.route.slot, host: this.route.host, port: this.route.ports.lmtp, protocol: 'lmtp' });
     this.ctx.log.warn('lmtp backend failed', {
       slot: this.route.slot,

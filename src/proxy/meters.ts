@@ -10,7 +10,7 @@ import { Counter, Histogram, type Metric, type Registry } from 'prom-client';
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
 /** Why a backend did not give a session (mailsplice_backend_failures_total's `reason`). */
-export type BackendFailure = 'connect' | 'timeout' | 'refused' | 'lost' | 'loop' | 'in-use';
+export type BackendFailure = 'connect' | 'timeout' | 'refused' | 'lost' | 'loop' | 'in-use' | 'lmtp';
 
 export class Meters {
   readonly loginSeconds = new Histogram({
@@ -36,7 +36,7 @@ export class Meters {
   });
   readonly backendFailures = new Counter({
     name: 'mailsplice_backend_failures_total',
-    help: 'Logins a backend could not serve, by slot and reason (connect, timeout, refused, lost, loop, in-use)',
+    help: 'Logins a backend could not serve, by slot and reason (connect, timeout, refused, lost, loop, in-use); lmtp: a backend LMTP transaction that failed',
     labelNames: ['slot', 'reason'],
     registers: [],
   });
