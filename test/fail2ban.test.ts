@@ -1,11 +1,12 @@
 import { execFile } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { connectLines } from './harness/lines.js';
 import { openLmtp } from './harness/lmtp.js';
+import { waitUntil } from './harness/proc.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { worldRoutes, writeRoutesFile } from './support/routes.js';
@@ -67,6 +68,9 @@ describe('the fail2ban filter', () => {
     // Successes first: the throttle below refuses this address for the rest of the minute.
     expect(await imapLogin('alice@example.com', 'alicepw')).toMatch(/^a OK/);
     expect(await pop3Login('bob@example.com', 'bobpw')).toMatch(/^\+OK/);
+    // POP3 too: the session id reaches Dovecot (XCLIENT SESSION) and its log.
+    const pop3Login1 = JSON.parse(logged.find((x) => x.includes('"msg":"login"') && x.includes('"protocol":"pop3"'))!) as { session: string };
+    await waitUntil(async () => readFileSync(world.slotB.logFile, 'utf8').includes(`session=<${pop3Login1.session}>`), { what: 'POP3 session id in Dovecot log', timeoutMs: 10_000 });
     expect(await imapLogin('alice@example.com', 'wrong1')).toMatch(/^a NO \[AUTHENTICATIONFAILED\]/);
     expect(await imapLogin('nobody@example.com', 'wrong2')).toMatch(/^a NO \[AUTHENTICATIONFAILED\]/);
     expect(await pop3Login('bob@example.com', 'wrong3')).toMatch(/^-ERR \[AUTH\]/);

@@ -128,6 +128,8 @@ export interface Pop3BackendOptions {
   forwardClientIp?: boolean;
   clientIp?: string;
   clientPort?: number;
+  /** Sent as XCLIENT SESSION (Dovecot logs it as session=<id>), with the address. */
+  sessionId?: string;
 }
 
 export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3Credentials, opts: Pop3BackendOptions): Promise<Pop3BackendLogin> {
@@ -155,7 +157,8 @@ export async function pop3BackendLogin(socket: Socket, host: string, creds: Pop3
     if (opts.forwardClientIp && opts.clientIp && (/^\+OK \[XCLIENT\]/i.test(greeting) || caps.has('XCLIENT'))) {
       const addr = opts.clientIp.replace(/^::ffff:(?=\d+\.)/i, '');
       if (/^[0-9a-f.:]+$/i.test(addr)) {
-        sock.write(`XCLIENT ADDR=${addr}${opts.clientPort ? ` PORT=${opts.clientPort}` : ''}\r\n`);
+        const session = opts.sessionId && /^[\w-]{1,64}$/.test(opts.sessionId) ? ` SESSION=${opts.sessionId}` : '';
+        sock.write(`XCLIENT ADDR=${addr}${opts.clientPort ? ` PORT=${opts.clientPort}` : ''}${session}\r\n`);
         await reader.line();
       }
     }

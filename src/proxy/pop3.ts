@@ -207,6 +207,7 @@ export class Pop3Preauth extends PreauthConnection {
             forwardClientIp: this.ctx.backend.forward_client_ip,
             clientIp: this.clientIp,
             clientPort: this.clientPort,
+            sessionId: this.sessionId,
           });
         } catch (e) {
           if (e instanceof Pop3Refused) backendSaid = e.line;
