@@ -181,14 +181,27 @@ describe('parseEvent (property)', () => {
       fc.string(),
       fc.json(),
       fc.record({ kind: fc.oneof(fc.constantFrom('user', 'store', 'slot', 'kick', ''), fc.string(), fc.integer()), id: fc.oneof(fc.string(), fc.integer(), fc.constant(null)) }).map((o) => JSON.stringify(o)),
+      fc
+        .record(
+          { kind: fc.constant('kick'), id: fc.oneof(fc.string(), fc.integer()), store: fc.string(), slot: fc.oneof(fc.string(), fc.constant(null)), ts: fc.oneof(fc.integer(), fc.double(), fc.string()) },
+          { requiredKeys: ['kind'] },
+        )
+        .map((o) => JSON.stringify(o)),
     );
     fc.assert(
       fc.property(eventish, (text) => {
         const ev = parseEvent(text);
         if (ev === undefined) return;
-        expect(['user', 'store', 'slot']).toContain(ev.kind);
+        expect(['user', 'store', 'slot', 'kick']).toContain(ev.kind);
         expect(typeof ev.id === 'string' && ev.id.length > 0).toBe(true);
-        expect(JSON.parse(text)).toMatchObject(ev);
+        const o = JSON.parse(text) as Record<string, unknown>;
+        if (ev.kind === 'kick') {
+          // A kick names exactly one of a login (id), a store or a slot.
+          expect(['id', 'store', 'slot'].filter((k) => o[k] !== undefined)).toEqual([ev.scope === 'user' ? 'id' : ev.scope]);
+          expect(o[ev.scope === 'user' ? 'id' : ev.scope]).toBe(ev.id);
+          return;
+        }
+        expect(o).toMatchObject(ev);
       }),
       params,
     );
