@@ -40,9 +40,11 @@ function mainHelp(): string {
 Changes routes the supported way: every change is written together with its event
 ({"kind":"user"|"store"|"slot","id":...} on <prefix>events) in one MULTI/EXEC, and
 read-modify-write steps are guarded with WATCH, so no proxy misses a change and two
-tools racing cannot lose one. With the routes file (lookup.file), the file is rewritten
-atomically (temp file, fsync, rename) under <file>.lock; the proxies watch it. Comments
-in the file are kept, except the trailing comment of an entry a command rewrites.
+tools racing cannot lose one. ctl kick publishes {"kind":"kick",...} (no route changes);
+ctl proxies and ctl who read the proxies' heartbeat records (Redis only). With the routes
+file (lookup.file), the file is rewritten atomically (temp file, fsync, rename) under
+<file>.lock; the proxies watch it. Comments in the file are kept, except the trailing
+comment of an entry a command rewrites.
 
 commands:
 ${COMMANDS.map((c) => `  ${c.summary.padEnd(width)}  ${c.about}`).join('\n')}
