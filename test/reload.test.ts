@@ -110,7 +110,7 @@ describe('SIGHUP', () => {
       expect(await added.readLine()).toMatch(/^\* OK /);
       added.send('a LOGIN bob@example.com bobpw');
       expect((await added.readUntil(/^a /)).at(-1)).toMatch(/^a OK /);
-      await waitUntil(async () => /"level":"debug","msg":"login".*"login":"bob@example.com"/.test(proxy!.log()), { what: 'a debug line' });
+      await waitUntil(async () => /"level":"debug","msg":"login spliced".*"login":"bob@example.com"/.test(proxy!.log()), { what: 'a debug line' });
 
       // The session from before the reload is untouched.
       session.send('c FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])');

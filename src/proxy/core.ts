@@ -540,6 +540,8 @@ export abstract class PreauthConnection implements Expiring {
       connect_ms: this.connectMs,
       backend_ms: this.backendMs,
     });
+    // What was pipelined across the login, for whoever debugs a client (debug level only).
+    this.ctx.log.debug('login spliced', { session: info.id, login: route.login, pipelined_by_client: clientRest.length, sent_past_login_by_backend: backendRest.length });
     // The client may have half-closed (or left) while the backend login ran: its end of
     // stream was read then and is passed on by start().
     session.start(clientRest, backendRest, this.socket.readableEnded);
