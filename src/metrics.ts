@@ -1,6 +1,6 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics, type Aggregator } from 'prom-client';
-import type { ProxyContext } from './proxy/core.js';
-import { spliceTotals } from './proxy/splice.js';
+import type { ProxyContext } from './session/core.js';
+import { spliceTotals } from './session/splice.js';
 import { registerLmtpMetrics } from './lmtp/metrics.js';
 
 /**

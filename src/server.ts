@@ -16,16 +16,16 @@ import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { createMetrics } from './metrics.js';
 import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
-import type { LoginResult, ProxyContext } from './proxy/core.js';
-import { reloadBackendTls } from './proxy/backend.js';
-import { ClientGate, gateLimits } from './proxy/gate.js';
-import { FailureDelay, LoginThrottle } from './proxy/throttle.js';
-import { ProxyListener } from './proxy/listener.js';
-import { OwnListeners } from './proxy/own-listeners.js';
-import { SessionRegistry } from './proxy/registry.js';
-import { Sweep } from './proxy/sweep.js';
-import { drainSessions } from './proxy/drain.js';
-import { SlotLogins, type SlotLoginLimits } from './proxy/slot-logins.js';
+import type { LoginResult, ProxyContext } from './session/core.js';
+import { reloadBackendTls } from './net/backend.js';
+import { ClientGate, gateLimits } from './net/gate.js';
+import { FailureDelay, LoginThrottle } from './session/throttle.js';
+import { ProxyListener } from './net/accept.js';
+import { OwnListeners } from './net/own-listeners.js';
+import { SessionRegistry } from './session/registry.js';
+import { Sweep } from './session/sweep.js';
+import { drainSessions } from './session/drain.js';
+import { SlotLogins, type SlotLoginLimits } from './session/slot-logins.js';
 
 export interface RunningServer {
   ctx: ProxyContext;

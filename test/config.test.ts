@@ -5,7 +5,7 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { identityFor } from '../src/auth/identity.js';
 import { ConfigError, loadConfig, parseConfig, plaintextAllowed } from '../src/config.js';
-import { backendTlsFor } from '../src/proxy/backend.js';
+import { backendTlsFor } from '../src/net/backend.js';
 import { tempDir } from './support/tmp.js';
 
 const execFileP = promisify(execFile);

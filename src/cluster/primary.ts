@@ -3,7 +3,7 @@ import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from '../admin.js';
 import type { Config } from '../config.js';
 import { removeStaleSocket } from '../lmtp/server.js';
-import { gateLimits } from '../proxy/gate.js';
+import { gateLimits } from '../net/gate.js';
 import type { Logger } from '../log.js';
 import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
 import { instanceAdminSources, primaryRegistry } from './instance.js';

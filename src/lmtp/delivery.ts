@@ -1,7 +1,7 @@
 import { identityFor } from '../auth/identity.js';
-import { BackendRefused, backendTlsFor } from '../proxy/backend.js';
-import type { ProxyContext } from '../proxy/core.js';
-import type { LiveSession } from '../proxy/registry.js';
+import { BackendRefused, backendTlsFor } from '../net/backend.js';
+import type { ProxyContext } from '../session/core.js';
+import type { LiveSession } from '../session/registry.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
 import { RoutingLoop, type LmtpClient, type LmtpClientOptions } from './client.js';

@@ -1,9 +1,9 @@
 import type { Socket } from 'node:net';
 import type { Config } from '../config.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
-import type { LoginResult, ProxyContext } from '../proxy/core.js';
+import type { LoginResult, ProxyContext } from '../session/core.js';
 import { canonicalRecipient, parsePathArgument, splitDetail } from './address.js';
-import type { WindowCounts } from '../proxy/throttle.js';
+import type { WindowCounts } from '../session/throttle.js';
 import { Delivery, lookupFailureReply, type Recipient } from './delivery.js';
 import { DotDecoder } from './dot.js';
 import type { LmtpTotals, RcptResult } from './metrics.js';

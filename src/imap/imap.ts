@@ -6,8 +6,8 @@ import { shownAtLogin } from './imap-commands.js';
 import { hopIn } from './hop.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
-import { LineTooLong } from './lines.js';
-import { INVALID_TOKEN, LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
+import { LineTooLong } from '../net/lines.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type ListenerRuntime } from '../session/core.js';
 
 // The IMAP pre-auth dialogue (RFC 9051 / 3501): greeting, CAPABILITY, NOOP, LOGOUT, ID,
 // STARTTLS, LOGIN, AUTHENTICATE (the mechanisms of src/auth/mechanisms.ts). Everything else before login is BAD. After a

@@ -1,8 +1,8 @@
 import type { Socket } from 'node:net';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
 import { runSasl } from '../auth/mechanisms.js';
-import { INVALID_TOKEN, LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from './core.js';
-import { LineTooLong } from './lines.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from '../session/core.js';
+import { LineTooLong } from '../net/lines.js';
 import { pop3BackendLogin, Pop3Refused, type Pop3BackendLogin } from './pop3-backend.js';
 
 // The POP3 pre-auth dialogue (RFC 1939, 2449, 2595, 5034, 3206): greeting, CAPA, USER/PASS,

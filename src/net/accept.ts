@@ -1,9 +1,9 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { ListenerConfig } from '../config.js';
 import { plaintextAllowed } from '../config.js';
-import type { ListenerRuntime, ProxyContext } from './core.js';
-import { ImapPreauth } from './imap.js';
-import { Pop3Preauth } from './pop3.js';
+import type { ListenerRuntime, ProxyContext } from '../session/core.js';
+import { ImapPreauth } from '../imap/imap.js';
+import { Pop3Preauth } from '../pop3/pop3.js';
 import { ListenerTls } from './tls.js';
 
 /** What a protocol says to a connection it turns away before any dialogue. */
