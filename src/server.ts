@@ -2,7 +2,7 @@ import type { Server as HttpServer } from 'node:http';
 import { startAdmin } from './admin.js';
 import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
 import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.js';
-import type { Config, ListenerConfig } from './config.js';
+import { plaintextAllowed, type Config, type ListenerConfig } from './config.js';
 import { listenerKey, listenerSettings, nextInForce, restartOnlyChanges } from './reload.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
@@ -16,11 +16,14 @@ import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
 import { createMetrics } from './metrics.js';
 import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
-import type { LoginResult, ProxyContext } from './session/core.js';
+import type { ListenerRuntime, LoginResult, ProxyContext } from './session/core.js';
 import { reloadBackendTls } from './net/backend.js';
 import { ClientGate, gateLimits } from './net/gate.js';
 import { FailureDelay, LoginThrottle } from './session/throttle.js';
-import { ProxyListener } from './net/accept.js';
+import { TcpListener, type FrontEnd } from './net/accept.js';
+import { ListenerTls } from './net/tls.js';
+import { imapFrontEnd } from './imap/imap.js';
+import { pop3FrontEnd } from './pop3/pop3.js';
 import { OwnListeners } from './net/own-listeners.js';
 import { SessionRegistry } from './session/registry.js';
 import { Sweep } from './session/sweep.js';
@@ -30,7 +33,7 @@ import { SlotLogins, type SlotLoginLimits } from './session/slot-logins.js';
 export interface RunningServer {
   ctx: ProxyContext;
   router: Router;
-  proxies: ProxyListener[];
+  proxies: TcpListener[];
   lmtp: LmtpListener[];
   admin: HttpServer | undefined;
   /**
@@ -89,6 +92,18 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
     return new RedisSource({ endpoint: r, prefix: r.prefix, commandTimeoutMs: r.command_timeout_ms, heartbeatMs: r.heartbeat_ms, heartbeatTimeoutMs: r.heartbeat_timeout_ms, onError });
   }
   return new FileSource(cfg.lookup.file!, cfg.lookup.default_domain, onError);
+}
+
+/** The pre-auth dialogue of each protocol that listens on TCP alone (LMTP: src/lmtp/server.ts). */
+const frontEnds: Record<string, (rt: ListenerRuntime) => FrontEnd> = { imap: imapFrontEnd, pop3: pop3FrontEnd };
+
+/** An IMAP or POP3 listener on the accept pipeline: the process-wide per-address limit, the login deadline for TLS. */
+function tcpListener(l: ListenerConfig, ctx: ProxyContext): TcpListener {
+  const tls = l.tls === 'none' ? undefined : new ListenerTls(l);
+  const front = frontEnds[l.protocol];
+  if (!front) throw new Error(`no front end for protocol ${l.protocol}`);
+  const rt: ListenerRuntime = { cfg: l, tls, plaintextAllowed: plaintextAllowed(l), ctx };
+  return new TcpListener(l, tls, { sweep: ctx.sweep, gate: ctx.gate, handshakeTimeoutMs: ctx.limits.login_timeout_ms, log: ctx.log, counters: ctx.counters, front: front(rt) });
 }
 
 export interface ServerRole {
@@ -164,7 +179,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
 
   const local = role.worker ? undefined : new LocalAsks();
   const asks: Answerer = role.worker ?? local!;
-  const proxies: ProxyListener[] = [];
+  const proxies: TcpListener[] = [];
   const lmtp: LmtpListener[] = [];
   let admin: HttpServer | undefined;
   let closing: Promise<void> | undefined;
@@ -187,7 +202,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     await router.close();
   };
   // Listeners by where they listen, with the settings each was started with (reload() diffs these).
-  const running = new Map<string, { settings: string; proxy?: ProxyListener; lmtp?: LmtpListener }>();
+  const running = new Map<string, { settings: string; proxy?: TcpListener; lmtp?: LmtpListener }>();
   /** Listeners a reload removed or replaced: no longer accepting, their LMTP transactions finishing. */
   const retiring: Promise<void>[] = [];
   const startListener = async (l: ListenerConfig, c: Config): Promise<void> => {
@@ -199,7 +214,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
       running.set(listenerKey(l), { settings: listenerSettings(l, c), lmtp: ll });
       return;
     }
-    const p = new ProxyListener(l, ctx);
+    const p = tcpListener(l, ctx);
     await p.listen();
     proxies.push(p);
     ctx.ownListeners.add(p.address().address, p.address().port);

@@ -1,4 +1,6 @@
 import type { Socket } from 'node:net';
+import type { ClientInfo } from '../net/client-info.js';
+import type { FrontEnd } from '../net/accept.js';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
 import { runSasl } from '../auth/mechanisms.js';
 import { imapBackendLogin } from './imap-backend.js';
@@ -23,8 +25,8 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   /** The hop mark of another mailsplice, if this connection's ID carried one (see hop.ts). */
   private hop: string | undefined;
 
-  constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
-    super(rt, socket, ip, port);
+  constructor(rt: ListenerRuntime, socket: Socket, client: ClientInfo) {
+    super(rt, socket, client);
   }
 
   private capabilities(): string {
@@ -222,4 +224,12 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
 
 function imapFarewell(reason: string): string {
   return `* BYE [UNAVAILABLE] ${reason.replace(/[\r\n]/g, ' ')}\r\n`;
+}
+
+/** IMAP on the accept pipeline (src/net/accept.ts). */
+export function imapFrontEnd(rt: ListenerRuntime): FrontEnd {
+  return {
+    refused: () => '* BYE [UNAVAILABLE] Too many connections, try again later\r\n',
+    start: (socket, client) => void new ImapPreauth(rt, socket, client).run(),
+  };
 }

@@ -1,115 +1,168 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { ListenerConfig } from '../config.js';
-import { plaintextAllowed } from '../config.js';
-import type { ListenerRuntime, ProxyContext } from '../session/core.js';
-import { ImapPreauth } from '../imap/imap.js';
-import { Pop3Preauth } from '../pop3/pop3.js';
-import { ListenerTls } from './tls.js';
+import type { Logger } from '../log.js';
+import type { Expiring, Sweep } from '../session/sweep.js';
+import { clientFromSocket, tlsFacts, type ClientInfo } from './client-info.js';
+import type { ListenerTls } from './tls.js';
 
-/** What a protocol says to a connection it turns away before any dialogue. */
-const BUSY: Record<string, string> = {
-  imap: '* BYE [UNAVAILABLE] Too many connections, try again later\r\n',
-  pop3: '-ERR [SYS/TEMP] Too many connections, try again later\r\n',
-};
+/** Why a connection was turned away before its dialogue. */
+export type Refusal = 'listener-full' | 'address-full';
 
-/** Starts the pre-auth dialogue of a protocol on an accepted (and, for implicit TLS, secured) socket. */
-export type ProtocolHandler = (rt: ListenerRuntime, socket: Socket, ip: string, port: number) => void;
+/** What a protocol plugs into the accept pipeline. */
+export interface FrontEnd {
+  /**
+   * The cleartext words for a connection turned away by a limit, or undefined to just close.
+   * Never asked on an implicit-TLS listener (there is no cleartext way to say it there).
+   */
+  refused(why: Refusal, client: ClientInfo): string | undefined;
+  /** Starts the protocol's dialogue on a connection that passed every stage. */
+  start(socket: Socket, client: ClientInfo): void;
+}
 
-const handlers: Record<string, ProtocolHandler> = {
-  imap: (rt, socket, ip, port) => void new ImapPreauth(rt, socket, ip, port).run(),
-  pop3: (rt, socket, ip, port) => void new Pop3Preauth(rt, socket, ip, port).run(),
-};
+/** Per-address connection counting, shared by whatever listeners share a limit. */
+export interface ConnectionGate {
+  admit(address: string): boolean;
+  release(address: string): void;
+}
 
-/** Lets another front end (POP3) plug into the same accept path. */
-export function registerProtocol(protocol: 'imap' | 'pop3', handler: ProtocolHandler): void {
-  handlers[protocol] = handler;
+export interface PipelineSettings {
+  cfg: ListenerConfig;
+  /** The listener's certificates; the handshake runs at accept when `cfg.tls` is implicit. */
+  tls: ListenerTls | undefined;
+  sweep: Sweep;
+  /** Connections per client address (TCP only: unix socket clients have none). */
+  gate: ConnectionGate;
+  /** How long the stages before the dialogue (the TLS handshake) may take together. */
+  handshakeTimeoutMs: number;
+  log: Logger;
+  counters: { rejectedConnections: number };
+  front: FrontEnd;
+}
+
+/** The socket's admitted client address, so one shared 'close' handler can give it back. */
+const ADMITTED = Symbol('admitted address');
+type Accepted = Socket & { [ADMITTED]?: string };
+
+/**
+ * A connection between accept and its dialogue, under the shared sweep's deadline: one
+ * object per arriving connection, gone once the dialogue starts (no timer of its own).
+ */
+class Arrival implements Expiring {
+  constructor(
+    readonly socket: Socket,
+    public deadline: number,
+  ) {}
+
+  expire(): void {
+    this.socket.destroy();
+  }
 }
 
 /**
- * One TCP listener for IMAP or POP3: connection limits (per listener and per client IP),
- * implicit TLS, then the protocol's pre-auth dialogue.
+ * The one way in for every listener (IMAP, POP3, LMTP, ManageSieve): the listener's
+ * connection limit, then the limit per client address, then implicit TLS under the shared
+ * sweep, then the protocol's dialogue, which gets the socket and one ClientInfo that
+ * everything after reads.
  */
-export class ProxyListener {
-  readonly server: Server;
-  readonly tls: ListenerTls | undefined;
+export class AcceptPipeline {
   private open = 0;
-  private readonly rt: ListenerRuntime;
+  private readonly name: string;
 
-  constructor(
-    readonly cfg: ListenerConfig,
-    ctx: ProxyContext,
-  ) {
-    this.tls = cfg.tls === 'none' ? undefined : new ListenerTls(cfg);
-    this.rt = { cfg, tls: this.tls, plaintextAllowed: plaintextAllowed(cfg), ctx };
-    this.server = createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (s) => this.accept(s));
-    const listener = this;
-    this.released = function (this: Socket) {
-      listener.open--;
-      ctx.gate.release(this.remoteAddress ?? 'unknown');
+  constructor(private readonly s: PipelineSettings) {
+    const { cfg } = s;
+    const pipeline = this;
+    this.closed = function (this: Accepted) {
+      pipeline.open--;
+      const address = this[ADMITTED];
+      if (address !== undefined) s.gate.release(address);
     };
-  }
-
-  /**
-   * One handler per listener, not a closure per socket. The socket's address is still known
-   * at 'close': Node keeps the peer name it looked up when we read remoteAddress at accept.
-   */
-  private readonly released: (this: Socket) => void;
-
-  private accept(socket: Socket): void {
-    const { ctx, cfg } = this.rt;
-    const ip = socket.remoteAddress ?? 'unknown';
-    const port = socket.remotePort ?? 0;
-    socket.on('error', destroyOnError);
-    if (this.open >= cfg.max_connections || !ctx.gate.admit(ip)) {
-      ctx.counters.rejectedConnections++;
-      // For implicit TLS there is no cleartext way to say why: just close. Otherwise say why
-      // and close our side without waiting for the client's (this socket is never read).
-      if (cfg.tls !== 'implicit') socket.write(BUSY[cfg.protocol] ?? '');
-      socket.destroySoon();
-      return;
-    }
-    this.open++;
-    socket.on('close', this.released);
-    socket.setKeepAlive(true, 60_000);
-    const handler = handlers[cfg.protocol];
-    if (!handler) {
-      socket.destroy();
-      return;
-    }
-    if (cfg.tls !== 'implicit') {
-      handler(this.rt, socket, ip, port);
-      return;
-    }
-    // The handshake is bounded by the sweep like any other pre-auth wait.
-    const pending = { deadline: Date.now() + ctx.limits.login_timeout_ms, expire: () => socket.destroy() };
-    ctx.sweep.add(pending);
-    this.tls!.accept(socket).then(
-      (secure) => {
-        ctx.sweep.delete(pending);
-        handler(this.rt, secure, ip, port);
-      },
-      (e: Error) => {
-        ctx.sweep.delete(pending);
-        socket.destroy();
-        // Debug only: scanners make these by the thousand; a client that cannot connect
-        // (too old a TLS version, a name not covered) shows up here when asked for.
-        ctx.log.debug('tls handshake failed', { listener: cfg.name ?? cfg.protocol, ip, error: e.message });
-      },
-    );
+    this.name = cfg.name ?? (cfg.port !== undefined ? `${cfg.protocol}:${cfg.port}` : `${cfg.protocol}:${cfg.path ?? ''}`);
   }
 
   get connections(): number {
     return this.open;
   }
 
+  /** Connection handler for a TCP server (`tcp`) or a unix socket server (`unix`). */
+  handler(transport: 'tcp' | 'unix'): (socket: Socket) => void {
+    return (socket) => this.accept(socket, transport);
+  }
+
+  /** One 'close' handler per pipeline, not a closure per socket. */
+  private readonly closed: (this: Accepted) => void;
+
+  private accept(socket: Accepted, transport: 'tcp' | 'unix'): void {
+    socket.on('error', destroyOnError);
+    const client = clientFromSocket(socket, this.name, transport);
+    if (this.open >= this.s.cfg.max_connections) return this.refuse(socket, 'listener-full', client);
+    this.open++;
+    socket.once('close', this.closed);
+    if (transport === 'tcp') socket.setKeepAlive(true, 60_000);
+    this.admitted(socket, client);
+  }
+
+  /** The client's address is final here: count it, then secure the connection. */
+  private admitted(socket: Accepted, client: ClientInfo): void {
+    const { s } = this;
+    if (client.transport === 'tcp') {
+      if (!s.gate.admit(client.address)) return this.refuse(socket, 'address-full', client);
+      socket[ADMITTED] = client.address;
+    }
+    if (s.cfg.tls !== 'implicit' || !s.tls) {
+      s.front.start(socket, client);
+      return;
+    }
+    const arrival = new Arrival(socket, Date.now() + s.handshakeTimeoutMs);
+    s.sweep.add(arrival);
+    s.tls.accept(socket).then(
+      (secure) => {
+        s.sweep.delete(arrival);
+        client.tls = tlsFacts(secure);
+        s.front.start(secure, client);
+      },
+      (e: Error) => {
+        s.sweep.delete(arrival);
+        socket.destroy();
+        // Debug only: scanners make these by the thousand; a client that cannot connect
+        // (too old a TLS version, a name not covered) shows up here when asked for.
+        s.log.debug('tls handshake failed', { listener: client.listener, ip: client.address, error: e.message });
+      },
+    );
+  }
+
+  private refuse(socket: Socket, why: Refusal, client: ClientInfo): void {
+    this.s.counters.rejectedConnections++;
+    // Say why where there is a cleartext way to, and close our side without waiting for the
+    // client's (this socket is never read).
+    const words = this.s.cfg.tls === 'implicit' ? undefined : this.s.front.refused(why, client);
+    if (words) socket.write(words);
+    socket.destroySoon();
+  }
+}
+
+/**
+ * One TCP listener (IMAP, POP3, ManageSieve) on the accept pipeline. LMTP, which also listens
+ * on a unix socket, drives its servers itself (src/lmtp/server.ts) with the same pipeline.
+ */
+export class TcpListener {
+  readonly server: Server;
+  readonly pipeline: AcceptPipeline;
+
+  constructor(
+    readonly cfg: ListenerConfig,
+    readonly tls: ListenerTls | undefined,
+    settings: Omit<PipelineSettings, 'cfg' | 'tls'>,
+  ) {
+    this.pipeline = new AcceptPipeline({ ...settings, cfg, tls });
+    this.server = createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, this.pipeline.handler('tcp'));
+  }
+
+  get connections(): number {
+    return this.pipeline.connections;
+  }
+
   listen(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen({ host: this.cfg.address, port: this.cfg.port, backlog: 4096 }, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
+    return listenOn(this.server, { host: this.cfg.address, port: this.cfg.port! });
   }
 
   /** Bound address, for tests that ask for port 0. */
@@ -122,6 +175,16 @@ export class ProxyListener {
   close(): Promise<void> {
     return new Promise((resolve) => this.server.close(() => resolve()));
   }
+}
+
+export function listenOn(server: Server, opts: { host: string; port: number } | { path: string }, backlog = 4096): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ ...opts, backlog }, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
 }
 
 function destroyOnError(this: Socket): void {

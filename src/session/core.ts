@@ -13,6 +13,7 @@ import type { SlotLogins } from './slot-logins.js';
 import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from '../net/tls.js';
 import { LineReader } from '../net/lines.js';
+import { clientFields, tlsFacts, type ClientInfo } from '../net/client-info.js';
 import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
 import { mailboxOwner, type Credentials, type TokenCredentials } from '../auth/credentials.js';
 import { offeredMechanisms, type Mechanism } from '../auth/mechanisms.js';
@@ -124,14 +125,23 @@ export abstract class PreauthConnection implements Expiring {
   constructor(
     readonly rt: ListenerRuntime,
     public socket: Socket,
-    readonly clientIp: string,
-    readonly clientPort: number,
+    /** Who this is, as the accept pipeline found it (a PROXY header's address, TLS facts). */
+    readonly client: ClientInfo,
   ) {
     const { limits } = rt.ctx;
     this.loginDeadline = this.deadline = Date.now() + limits.login_timeout_ms;
     this.secure = rt.cfg.tls === 'implicit';
     this.reader = new LineReader(socket, limits.line_length);
     rt.ctx.sweep.add(this);
+  }
+
+  /** The client's address: what limits, the throttle, logs and backends get. */
+  get clientIp(): string {
+    return this.client.address;
+  }
+
+  get clientPort(): number {
+    return this.client.port;
   }
 
   /** Too slow: in the backend phase only the backend attempt is abandoned. */
@@ -212,7 +222,9 @@ export abstract class PreauthConnection implements Expiring {
     this.reader.detach();
     this.handshaking = true;
     try {
-      this.socket = await this.rt.tls!.accept(this.socket);
+      const secure = await this.rt.tls!.accept(this.socket);
+      this.socket = secure;
+      this.client.tls = tlsFacts(secure);
     } catch (e) {
       this.ctx.log.debug('tls handshake failed', { listener: this.rt.cfg.name ?? this.rt.cfg.protocol, ip: this.clientIp, error: (e as Error).message });
       throw e;
@@ -488,7 +500,7 @@ export abstract class PreauthConnection implements Expiring {
     // The client may have half-closed (or left) while the backend login ran: its end of
     // stream was read then and is passed on by start().
     session.start(clientRest, backendRest, this.socket.readableEnded);
-    this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ip: this.clientIp });
+    this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ...clientFields(this.client) });
     return true;
   }
 
