@@ -3,6 +3,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
+import { parseNetwork } from './net/networks.js';
 
 // The config file is YAML. Every object is strict: a misspelt key stops the program with
 // the file and the key's path in the message, rather than silently meaning "default".
@@ -51,6 +52,23 @@ const listener = z
      */
     plaintext_auth: z.boolean().optional(),
     max_connections: z.number().int().positive().default(20000),
+    /**
+     * PROXY protocol (v1 and v2) from load balancers (HAProxy send-proxy/send-proxy-v2, a
+     * cloud TCP balancer): the address in the header is then the client's everywhere.
+     * `required`: every connection must come from trusted_networks and start with a header
+     * (others are refused); `from_trusted`: connections from trusted_networks must start with
+     * a header, others are clients connecting directly (no header is read from them). TCP only.
+     */
+    proxy_protocol: z.enum(['off', 'required', 'from_trusted']).default('off'),
+    /** Who may send a PROXY header: networks (10.0.0.0/8, 2001:db8::/32) or single addresses. */
+    trusted_networks: z
+      .array(
+        z.string().superRefine((t, ctx) => {
+          const n = parseNetwork(t);
+          if (typeof n === 'string') ctx.addIssue({ code: 'custom', message: n });
+        }),
+      )
+      .default([]),
     /** LMTP unix socket: permissions (an octal string, quoted in YAML), owner and group (name or number). */
     socket_mode: z
       .string()
@@ -63,6 +81,15 @@ const listener = z
     if (l.port === undefined && l.path === undefined) ctx.addIssue({ code: 'custom', message: 'needs a port (or a path for lmtp)' });
     if (l.path !== undefined && l.protocol !== 'lmtp') ctx.addIssue({ code: 'custom', path: ['path'], message: 'only lmtp listeners take a unix socket path' });
     if (l.tls !== 'none' && (!l.cert || !l.key)) ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls: ${l.tls} needs cert and key` });
+    if (l.proxy_protocol !== 'off' && l.trusted_networks.length === 0) {
+      ctx.addIssue({ code: 'custom', path: ['trusted_networks'], message: `proxy_protocol: ${l.proxy_protocol} needs trusted_networks (the load balancers' addresses)` });
+    }
+    if (l.proxy_protocol === 'off' && l.trusted_networks.length > 0) {
+      ctx.addIssue({ code: 'custom', path: ['trusted_networks'], message: 'trusted_networks only applies with proxy_protocol: required or from_trusted' });
+    }
+    if (l.proxy_protocol !== 'off' && l.path !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['proxy_protocol'], message: 'a PROXY header is read on TCP only, not on a unix socket (path); use a listener of its own' });
+    }
     if (l.path === undefined && (l.socket_owner !== undefined || l.socket_group !== undefined)) {
       ctx.addIssue({ code: 'custom', path: ['socket_owner'], message: 'socket_owner and socket_group apply to a unix socket (path)' });
     }

@@ -164,7 +164,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     limits: cfg.limits,
     backend: cfg.backend,
     log,
-    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
+    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
     ownListeners: new OwnListeners(),
     slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
     ...(passwords ? { passwords } : {}),

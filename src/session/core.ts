@@ -14,6 +14,7 @@ import type { Expiring, Sweep } from './sweep.js';
 import type { ListenerTls } from '../net/tls.js';
 import { LineReader } from '../net/lines.js';
 import { clientFields, tlsFacts, type ClientInfo } from '../net/client-info.js';
+import type { ProxyHeaderResult } from '../net/accept.js';
 import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
 import { mailboxOwner, type Credentials, type TokenCredentials } from '../auth/credentials.js';
 import { offeredMechanisms, type Mechanism } from '../auth/mechanisms.js';
@@ -38,7 +39,12 @@ export interface ProxyContext {
   limits: Config['limits'];
   backend: Config['backend'];
   log: Logger;
-  counters: { logins: Record<Protocol, Record<LoginResult, number>>; rejectedConnections: number };
+  counters: {
+    logins: Record<Protocol, Record<LoginResult, number>>;
+    rejectedConnections: number;
+    /** PROXY headers awaited by the accept pipeline, by what became of them. */
+    proxyHeaders: Record<ProxyHeaderResult, number>;
+  };
   /** This process's listening sockets: a route to one of them is a loop. */
   ownListeners: OwnListeners;
   /** Set when the proxy checks passwords itself (auth.ldap); absent, the backend does. */
