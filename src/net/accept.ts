@@ -110,7 +110,7 @@ export class AcceptPipeline {
   /** PROXY refusals logged once per address and minute, not once each. */
   private readonly refusedHeaders: WindowCounts | undefined;
 
-  constructor(private readonly s: PipelineSettings) {
+  constructor(readonly s: PipelineSettings) {
     const { cfg } = s;
     const pipeline = this;
     this.closed = function (this: Accepted) {
@@ -128,7 +128,17 @@ export class AcceptPipeline {
       if (arrival) pipeline.headerData(arrival, chunk);
     };
     this.onHeaderData = onHeaderData;
+    this.onHeaderEnd = function (this: Socket & { [ARRIVAL]?: Arrival }) {
+      const arrival = this[ARRIVAL];
+      if (!arrival) return;
+      pipeline.headerRefused(arrival, 'invalid', 'connection ended before a complete PROXY header');
+      pipeline.s.sweep.delete(arrival);
+      this.destroy();
+    };
   }
+
+  /** And one 'end' handler: a peer that stops sending mid-header is refused at once, not at the deadline. */
+  private readonly onHeaderEnd: (this: Socket) => void;
 
   /** One 'data' handler per pipeline for the PROXY header, not a closure per socket. */
   private readonly onHeaderData: (this: Socket, chunk: Buffer) => void;
@@ -172,6 +182,7 @@ export class AcceptPipeline {
     socket[ARRIVAL] = arrival;
     this.s.sweep.add(arrival);
     socket.on('data', this.onHeaderData);
+    socket.on('end', this.onHeaderEnd);
     socket.resume();
   }
 
@@ -185,6 +196,7 @@ export class AcceptPipeline {
     }
     const socket = arrival.socket as Socket & { [ARRIVAL]?: Arrival };
     socket.off('data', this.onHeaderData);
+    socket.off('end', this.onHeaderEnd);
     socket.pause();
     socket[ARRIVAL] = undefined;
     arrival.header = undefined;
