@@ -119,6 +119,16 @@ const backendTlsOverride = z.strictObject({
 export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp'] as const;
 export type BackendProtocol = (typeof BACKEND_PROTOCOLS)[number];
 
+/**
+ * A group of slots (globs as in tls_groups) whose backends are sent a PROXY v2 header, on
+ * the protocols listed. LMTP is not among them: its backend connections are pooled and
+ * carry many clients' messages, so no one client's address could stand for one.
+ */
+const proxyProtocolGroup = z.strictObject({
+  slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
+  protocols: z.array(z.enum(['imap', 'pop3'])).min(1).default(['imap', 'pop3']),
+});
+
 const backendTlsWithProtocols = z.strictObject({
   ...backendTlsFields,
   imap: backendTlsOverride.optional(),
@@ -355,6 +365,12 @@ const sections = z.strictObject({
       tls: backendTlsWithProtocols.prefault({}),
       tls_groups: z.array(backendTlsGroup).default([]),
       identity_groups: z.array(identityGroup).default([]),
+      /**
+       * Slot groups whose backends take a PROXY protocol v2 header (Dovecot: an
+       * inet_listener with `haproxy = yes`, the proxies in haproxy_trusted_networks): every
+       * IMAP/POP3 connection to them starts with one naming the client. First match wins.
+       */
+      proxy_protocol_groups: z.array(proxyProtocolGroup).default([]),
       /**
        * Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT.
        * On by default: a backend's per-address limits (Dovecot's auth penalty) must see the

@@ -6,7 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { encodeProxyV2 } from '../src/net/proxy-protocol.js';
 import { startHaproxy, type Haproxy } from './harness/haproxy.js';
+import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
 import { connectLines, type LineClient } from './harness/lines.js';
+import { freePorts } from './harness/ports.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { worldRoutes, writeRoutesFile } from './support/routes.js';
@@ -23,13 +25,34 @@ const LB = '127.0.0.9';
 let world: World;
 let proxy: TestProxy;
 let haproxy: Haproxy;
+/** A Dovecot whose listeners take PROXY v2 (haproxy = yes) and trust no ID: only a header can name the client. */
+let slotH: DovecotSlot;
+const hPorts = { imap: 0, pop3: 0, imaps: 0 };
 const logs: string[] = [];
 
 beforeAll(async () => {
   const dir = tempDir('proxy-protocol');
   world = await startWorld({ tls: true });
+  [hPorts.imap, hPorts.pop3, hPorts.imaps] = (await freePorts('127.0.0.14', 3)) as [number, number, number];
+  const listenerH = (name: string, port: number, ssl = false) => `  inet_listener ${name} {\n    address = 127.0.0.14\n    port = ${port}\n    haproxy = yes\n${ssl ? '    ssl = yes\n' : ''}  }\n`;
+  slotH = await startDovecotSlot({
+    id: 'slotH',
+    host: '127.0.0.14',
+    users: [...world.users, { name: 'dave@example.com', password: 'davepw' }, { name: 'erin@example.com', password: 'erinpw' }],
+    tls: { certFile: world.tls!.cert.certFile, keyFile: world.tls!.cert.keyFile },
+    trustedNetworks: '',
+    dir: join(world.tmpDir, 'slotH'),
+    extraConfig: `haproxy_trusted_networks = 127.0.0.0/8\nservice imap-login {\n${listenerH('imap_pp', hPorts.imap)}${listenerH('imaps_pp', hPorts.imaps, true)}}\nservice pop3-login {\n${listenerH('pop3_pp', hPorts.pop3)}}\n`,
+  });
   const routes = join(dir, 'routes.yaml');
-  writeRoutesFile(routes, worldRoutes(world));
+  const model = worldRoutes(world);
+  model.users['dave@example.com'] = { store: 'storeH' };
+  model.users['erin@example.com'] = { store: 'storeHtls' };
+  model.stores['storeH'] = { master: 'slotH', epoch: '1' };
+  model.stores['storeHtls'] = { master: 'slotHtls', epoch: '1' };
+  model.slots['slotH'] = { host: '127.0.0.14', imap: String(hPorts.imap), pop3: String(hPorts.pop3), lmtp: String(slotH.lmtp) };
+  model.slots['slotHtls'] = { host: '127.0.0.14', imap: String(hPorts.imaps), pop3: String(hPorts.pop3), lmtp: String(slotH.lmtp) };
+  writeRoutesFile(routes, model);
   const pp = { proxy_protocol: 'required', trusted_networks: [`${LB}/32`, '::ffff:127.0.0.250/128'] };
   const cert = { cert: world.tls!.cert.certFile, key: world.tls!.cert.keyFile };
   proxy = await startProxy(
@@ -44,6 +67,10 @@ beforeAll(async () => {
       lookup: { file: routes },
       limits: { auth_failure_delay_ms: 0, auth_failures_per_ip_per_minute: 3, login_timeout_ms: 3000 },
       lmtp: { connections_per_ip: 2 },
+      backend: {
+        proxy_protocol_groups: [{ slots: ['slotH*'] }],
+        tls_groups: [{ slots: ['slotHtls'], imap: { mode: 'implicit' }, ca: world.tls!.ca.certFile, servername: 'mail.example.test' }],
+      },
     },
     createLogger('debug', (l) => void logs.push(l)),
   );
@@ -66,6 +93,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await haproxy?.stop();
   await proxy?.close();
+  await slotH?.stop();
   await world?.stop();
 });
 
@@ -231,6 +259,43 @@ describe('through HAProxy', () => {
     await expect.poll(() => logs.some((l) => l.includes('"msg":"login"') && l.includes('"ip":"127.0.0.42"') && !l.includes('"via"'))).toBe(true);
     await expect.poll(() => logs.some((l) => l.includes('"msg":"login"') && l.includes('"ip":"127.0.0.41"') && l.includes(`"via":"${LB}"`))).toBe(true);
     expect(logs.some((l) => l.includes('10.66.66.66'))).toBe(false);
+  });
+});
+
+describe('PROXY v2 out', () => {
+  it('a slot group that takes the header: Dovecot (haproxy = yes) logs the client address from HAProxy, for IMAP, POP3 and IMAP over TLS', async () => {
+    const c = await viaLb('imap_v2', '127.0.0.51');
+    try {
+      expect(await imapLogin(c, 'dave@example.com', 'davepw')).toMatch(/^a OK /);
+    } finally {
+      c.close();
+    }
+    const hLog = () => readFile(slotH.logFile, 'utf8');
+    // Dovecot trusts no ID here (login_trusted_networks is empty): only the header names the client.
+    await expect.poll(hLog).toMatch(/imap-login: Info: Login: user=<dave@example.com>.*rip=127\.0\.0\.51/);
+
+    const p = await viaLb('pop3_v2', '127.0.0.52');
+    try {
+      expect(await p.readLine()).toMatch(/^\+OK /);
+      p.send('USER dave@example.com');
+      expect(await p.readLine()).toMatch(/^\+OK/);
+      p.send('PASS davepw');
+      expect(await p.readLine()).toMatch(/^\+OK/);
+    } finally {
+      p.close();
+    }
+    await expect.poll(hLog).toMatch(/pop3-login: Info: Login: user=<dave@example.com>.*rip=127\.0\.0\.52/);
+
+    // Implicit TLS to the backend: the header in clear first, then the handshake.
+    const t = await viaLb('imap_v1', '127.0.0.53');
+    try {
+      expect(await imapLogin(t, 'erin@example.com', 'erinpw')).toMatch(/^a OK /);
+    } finally {
+      t.close();
+    }
+    await expect.poll(hLog).toMatch(/imap-login: Info: Login: user=<erin@example.com>.*rip=127\.0\.0\.53.*TLS/);
+    // Slots outside the group get no header (their listeners would take it for a command).
+    expect(await readFile(world.slotA.logFile, 'utf8')).not.toMatch(/haproxy/i);
   });
 });
 

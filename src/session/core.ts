@@ -3,7 +3,8 @@ import type { BackendTlsConfig, Config, ListenerConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import { LookupFailure, type Protocol, type Route } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
-import { BackendRefused, backendTlsFor, openBackend } from '../net/backend.js';
+import { BackendRefused, backendTlsFor, openBackend, sendsProxyHeader } from '../net/backend.js';
+import { encodeProxyV2 } from '../net/proxy-protocol.js';
 import type { ClientGate } from '../net/gate.js';
 import type { OwnListeners } from '../net/own-listeners.js';
 import type { FailureDelay, LoginThrottle, Reservation } from './throttle.js';
@@ -430,7 +431,8 @@ export abstract class PreauthConnection implements Expiring {
     let result: T;
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
-      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true });
+      const preamble = protocol !== 'lmtp' && sendsProxyHeader(this.ctx.backend, route.slot, protocol) ? this.proxyHeader() : undefined;
+      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true, ...(preamble ? { preamble } : {}) });
       this.backendSocket = sock;
       if (this.ctx.ownListeners.reaches(sock)) {
         this.ctx.log.error('routing loop: slot points at this proxy', { slot: route.slot, host: route.host, port, protocol });
@@ -508,6 +510,12 @@ export abstract class PreauthConnection implements Expiring {
     session.start(clientRest, backendRest, this.socket.readableEnded);
     this.ctx.log.debug('login', { protocol, login: route.login, store: route.store, slot: route.slot, ...clientFields(this.client) });
     return true;
+  }
+
+  /** The PROXY v2 header for a backend: the client, and the address it connected to. */
+  private proxyHeader(): Buffer {
+    const c = this.client;
+    return encodeProxyV2(c.transport === 'tcp' ? { address: c.address, port: c.port } : undefined, { address: c.localAddress, port: c.localPort });
   }
 
   /** Records a failed login for metrics and the log (refused attempts: the throttle logs them, summed). */
