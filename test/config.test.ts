@@ -46,6 +46,21 @@ describe('config', () => {
     expect(() => parseConfig(doc({ sentinels: [], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels/);
   });
 
+  it('PROXY protocol: proxy_protocol needs trusted_networks (IPv4/IPv6 CIDRs or addresses), TCP only; proxy_protocol_groups per slot', () => {
+    const doc = (l: object, backend: object = {}) => ({ listeners: [{ protocol: 'imap', port: 1143, ...l }], lookup: { file: 'r' }, backend });
+    const cfg = parseConfig(doc({ proxy_protocol: 'required', trusted_networks: ['10.0.0.0/8', '192.0.2.7', '2001:db8::/32', '::1'] }, { proxy_protocol_groups: [{ slots: ['dove*'] }] }), 't');
+    expect(cfg.listeners[0]).toMatchObject({ proxy_protocol: 'required', trusted_networks: ['10.0.0.0/8', '192.0.2.7', '2001:db8::/32', '::1'] });
+    expect(cfg.backend.proxy_protocol_groups).toEqual([{ slots: ['dove*'], protocols: ['imap', 'pop3'] }]);
+    expect(parseConfig(doc({}), 't').listeners[0]!.proxy_protocol).toBe('off');
+    expect(() => parseConfig(doc({ proxy_protocol: 'required' }), 't')).toThrow(/listeners\.0\.trusted_networks: proxy_protocol: required needs trusted_networks/);
+    expect(() => parseConfig(doc({ trusted_networks: ['10.0.0.1'] }), 't')).toThrow(/trusted_networks only applies with proxy_protocol/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'optional', trusted_networks: ['10.0.0.1'] }), 't')).toThrow(/listeners\.0\.proxy_protocol/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'from_trusted', trusted_networks: ['10.0.0.0/33'] }), 't')).toThrow(/trusted_networks\.0: "10\.0\.0\.0\/33": the prefix length must be 0 to 32/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'from_trusted', trusted_networks: ['lb.example.com'] }), 't')).toThrow(/not an IPv4 or IPv6 address/);
+    expect(() => parseConfig({ listeners: [{ protocol: 'lmtp', path: '/run/x.sock', proxy_protocol: 'required', trusted_networks: ['10.0.0.1'] }], lookup: { file: 'r' } }, 't')).toThrow(/TCP only|not on a unix socket/);
+    expect(() => parseConfig(doc({}, { proxy_protocol_groups: [{ slots: ['a'], protocols: ['lmtp'] }] }), 't')).toThrow(/backend\.proxy_protocol_groups\.0\.protocols/);
+  });
+
   it('fills defaults and makes paths relative to the file', () => {
     const cfg = loadConfig(file('min.yaml', 'listeners: [{ protocol: imap, port: 1143 }]\nlookup: { file: routes.yaml }\n'));
     expect(cfg.lookup.file).toBe(join(dir, 'routes.yaml'));
