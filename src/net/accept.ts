@@ -90,6 +90,11 @@ class Arrival implements Expiring {
     if (this.header) this.pipeline.headerRefused(this, 'timeout', 'no complete PROXY header in time');
     this.socket.destroy();
   }
+
+  /** Server shutdown: nothing to say before the dialogue; not a timeout either. */
+  shutdown(): void {
+    this.socket.destroy();
+  }
 }
 
 const EMPTY = Buffer.alloc(0);
