@@ -34,7 +34,8 @@ const redisTls = z.strictObject({
 const listener = z
   .strictObject({
     name: z.string().optional(),
-    protocol: z.enum(['imap', 'pop3', 'lmtp']),
+    /** sieve: ManageSieve (RFC 5804), port 4190 unless given. */
+    protocol: z.enum(['imap', 'pop3', 'lmtp', 'sieve']),
     address: z.string().default('127.0.0.1'),
     port: port.optional(),
     /** LMTP only: listen on a unix socket instead of (or as well as) TCP. */
@@ -77,6 +78,7 @@ const listener = z
     socket_owner: z.string().min(1).optional(),
     socket_group: z.string().min(1).optional(),
   })
+  .transform((l) => (l.protocol === 'sieve' && l.port === undefined ? { ...l, port: 4190 } : l))
   .superRefine((l, ctx) => {
     if (l.port === undefined && l.path === undefined) ctx.addIssue({ code: 'custom', message: 'needs a port (or a path for lmtp)' });
     if (l.path !== undefined && l.protocol !== 'lmtp') ctx.addIssue({ code: 'custom', path: ['path'], message: 'only lmtp listeners take a unix socket path' });
@@ -116,7 +118,7 @@ const backendTlsOverride = z.strictObject({
   verify: z.boolean().optional(),
 });
 
-export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp'] as const;
+export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp', 'sieve'] as const;
 export type BackendProtocol = (typeof BACKEND_PROTOCOLS)[number];
 
 /**
@@ -134,6 +136,8 @@ const backendTlsWithProtocols = z.strictObject({
   imap: backendTlsOverride.optional(),
   pop3: backendTlsOverride.optional(),
   lmtp: backendTlsOverride.optional(),
+  /** ManageSieve (STARTTLS on the slot's sieve port, or implicit). */
+  sieve: backendTlsOverride.optional(),
 });
 
 /**

@@ -24,6 +24,7 @@ import { TcpListener, type FrontEnd } from './net/accept.js';
 import { ListenerTls } from './net/tls.js';
 import { imapFrontEnd } from './imap/imap.js';
 import { pop3FrontEnd } from './pop3/pop3.js';
+import { sieveFrontEnd } from './sieve/preauth.js';
 import { OwnListeners } from './net/own-listeners.js';
 import { SessionRegistry } from './session/registry.js';
 import { Sweep } from './session/sweep.js';
@@ -95,7 +96,7 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
 }
 
 /** The pre-auth dialogue of each protocol that listens on TCP alone (LMTP: src/lmtp/server.ts). */
-const frontEnds: Record<string, (rt: ListenerRuntime) => FrontEnd> = { imap: imapFrontEnd, pop3: pop3FrontEnd };
+const frontEnds: Record<string, (rt: ListenerRuntime) => FrontEnd> = { imap: imapFrontEnd, pop3: pop3FrontEnd, sieve: sieveFrontEnd };
 
 /** An IMAP or POP3 listener on the accept pipeline: the process-wide per-address limit, the login deadline for TLS. */
 function tcpListener(l: ListenerConfig, ctx: ProxyContext): TcpListener {
@@ -164,7 +165,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     limits: cfg.limits,
     backend: cfg.backend,
     log,
-    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
+    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults(), sieve: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
     ownListeners: new OwnListeners(),
     slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
     ...(passwords ? { passwords } : {}),

@@ -3,7 +3,7 @@
 
 import { readFile } from 'node:fs/promises';
 import { extraFields, fieldsOf, parseAs, toDoc, type Hash, type HashWrite, type RouteAdmin } from '../lookup/admin.js';
-import { normalizeLogin, type Protocol } from '../lookup/model.js';
+import { normalizeLogin, PROTOCOLS, type Protocol } from '../lookup/model.js';
 import type { ObjectKind } from '../lookup/source.js';
 import { notFound, usageError } from './errors.js';
 import { deleteObject, failover, moveUser, setLock } from './ops.js';
@@ -165,13 +165,13 @@ const storeCommand = objectCommand(
 
 const slotCommand = objectCommand(
   'slot',
-  '[--host H] [--imap P] [--pop3 P] [--lmtp P] [--status up|down]',
-  { host: { type: 'string' }, imap: { type: 'string' }, pop3: { type: 'string' }, lmtp: { type: 'string' }, status: { type: 'string' }, force: { type: 'boolean' } },
+  '[--host H] [--imap P] [--pop3 P] [--lmtp P] [--sieve P] [--status up|down]',
+  { host: { type: 'string' }, imap: { type: 'string' }, pop3: { type: 'string' }, lmtp: { type: 'string' }, sieve: { type: 'string' }, status: { type: 'string' }, force: { type: 'boolean' } },
   async (ctx, id, v) => {
     const status = str(v, 'status');
     if (status !== undefined && status !== 'up' && status !== 'down') throw usageError(`--status is up or down, not ${JSON.stringify(status)}`);
     const ports: Partial<Record<Protocol, number | null>> = {};
-    for (const p of ['imap', 'pop3', 'lmtp'] as const) {
+    for (const p of PROTOCOLS) {
       const n = port(v, p);
       if (n !== undefined) ports[p] = n;
     }
@@ -306,7 +306,7 @@ ${TARGET_OPTS_HELP}`,
     const w = await whereis(ctx.admin, login(ctx, args[0]!));
     if (ctx.json) return ctx.out(JSON.stringify(w, null, 2));
     const slot = (s: NonNullable<typeof w.master>) =>
-      s.host === undefined ? `${s.id} (not defined)` : `${s.id} ${s.host} imap=${s.ports?.imap ?? '-'} pop3=${s.ports?.pop3 ?? '-'} lmtp=${s.ports?.lmtp ?? '-'} ${s.status}`;
+      s.host === undefined ? `${s.id} (not defined)` : `${s.id} ${s.host} imap=${s.ports?.imap ?? '-'} pop3=${s.ports?.pop3 ?? '-'} lmtp=${s.ports?.lmtp ?? '-'}${s.ports?.sieve ? ` sieve=${s.ports.sieve}` : ''} ${s.status}`;
     const lines = [
       `user      ${w.login} (${w.userStatus})${w.backendLogin !== w.login ? `, backend login ${w.backendLogin}` : ''}`,
       `store     ${w.store}${w.storeStatus ? ` (${w.storeStatus}, epoch ${w.epoch})` : ' (not defined)'}`,

@@ -18,7 +18,7 @@ import { clientFields, tlsFacts, type ClientInfo } from '../net/client-info.js';
 import type { ProxyHeaderResult } from '../net/accept.js';
 import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
 import { mailboxOwner, type Credentials, type TokenCredentials } from '../auth/credentials.js';
-import { offeredMechanisms, type Mechanism } from '../auth/mechanisms.js';
+import { offeredMechanisms, type Mechanism, type SaslWire } from '../auth/mechanisms.js';
 import { refusalJson } from '../auth/oauth-payload.js';
 import { adminCredentials, backendCredentials, backendToken, identityFor, type BackendCredentials } from '../auth/identity.js';
 import type { TokenChecker } from '../auth/oauth-check.js';
@@ -109,6 +109,7 @@ export const INVALID_TOKEN: TokenRefusal = Object.freeze({ status: 'invalid_toke
 const SHUTDOWN_WORDS: Record<string, string> = {
   imap: '* BYE [UNAVAILABLE] Server shutting down, try again later\r\n',
   pop3: '-ERR [SYS/TEMP] Server shutting down, try again later\r\n',
+  sieve: 'BYE (TRYLATER) "Server shutting down, try again later"\r\n',
 };
 
 /**
@@ -210,10 +211,16 @@ export abstract class PreauthConnection implements Expiring {
    * carrying the JSON status; the client's answer (%x01, an empty line, anything) is read
    * and dropped; then the caller sends the protocol's failure.
    */
-  async tokenErrorExchange(creds: TokenCredentials, refusal: TokenRefusal): Promise<void> {
-    this.write(`+ ${Buffer.from(refusalJson(creds.mechanism, refusal), 'utf8').toString('base64')}\r\n`);
-    await this.reader.line();
+  async tokenErrorExchange(creds: TokenCredentials, refusal: TokenRefusal, wire: SaslWire = this.saslWire): Promise<void> {
+    wire.challenge(Buffer.from(refusalJson(creds.mechanism, refusal), 'utf8').toString('base64'));
+    await wire.response();
   }
+
+  /** IMAP and POP3 alike: `+ <base64>` and a response line. */
+  readonly saslWire: SaslWire = {
+    challenge: (b64) => this.write(`+ ${b64}\r\n`),
+    response: () => this.reader.line(),
+  };
 
   get canStartTls(): boolean {
     return this.rt.cfg.tls === 'starttls' && !this.secure;
@@ -431,7 +438,7 @@ export abstract class PreauthConnection implements Expiring {
     let result: T;
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
-      const preamble = protocol !== 'lmtp' && sendsProxyHeader(this.ctx.backend, route.slot, protocol) ? this.proxyHeader() : undefined;
+      const preamble = (protocol === 'imap' || protocol === 'pop3') && sendsProxyHeader(this.ctx.backend, route.slot, protocol) ? this.proxyHeader() : undefined;
       const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true, ...(preamble ? { preamble } : {}) });
       this.backendSocket = sock;
       if (this.ctx.ownListeners.reaches(sock)) {

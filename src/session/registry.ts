@@ -56,7 +56,7 @@ export class SessionRegistry implements ChangeListener {
 
   /** Sessions per protocol, for metrics. */
   countByProtocol(): Record<Protocol, number> {
-    const out: Record<Protocol, number> = { imap: 0, pop3: 0, lmtp: 0 };
+    const out: Record<Protocol, number> = { imap: 0, pop3: 0, lmtp: 0, sieve: 0 };
     for (const set of this.byLogin.values()) for (const s of set) out[s.protocol]++;
     return out;
   }
