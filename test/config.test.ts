@@ -20,7 +20,7 @@ function file(name: string, text: string): string {
 describe('config', () => {
   it('accepts the example config shipped in deploy/', () => {
     const cfg = loadConfig(resolve(import.meta.dirname, '../deploy/mailsplice.example.yaml'));
-    expect(cfg.listeners.map((l) => l.protocol)).toEqual(['imap', 'imap', 'pop3', 'pop3', 'lmtp']);
+    expect(cfg.listeners.map((l) => l.protocol)).toEqual(['imap', 'imap', 'pop3', 'pop3', 'sieve', 'lmtp']);
     expect(plaintextAllowed(cfg.listeners[0]!)).toBe(false); // TLS configured: no cleartext by default
   });
 
