@@ -2,7 +2,7 @@ import { PassThrough } from 'node:stream';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { parseSlot, staleReason, type Route } from '../src/lookup/model.js';
-import { LineReader } from '../src/proxy/lines.js';
+import { LineReader } from '../src/net/lines.js';
 import { sieveStatus } from '../src/sieve/backend.js';
 import { quoted, readSieveCommand, sieveString, type SieveRead } from '../src/sieve/syntax.js';
 
