@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imapSubjects, lmtpSend } from './harness/clients.js';
 import { connectLines } from './harness/lines.js';
 import { waitUntil } from './harness/proc.js';
+import { makeCA, makeCert } from './harness/certs.js';
 import { startSentinels, type SentinelSetup } from './harness/sentinel.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
@@ -167,5 +168,39 @@ describe('Redis Sentinel failover under load', () => {
     console.log(
       `sentinel failover: promotion ${promotedAt - killedAt} ms after the kill; ${logins.length} logins (${during.length} without a primary), none failed (${failed.length} refused by the failover's own lock); ${lmtp.length} LMTP messages, ${refused.length} deferred (4xx), none lost`,
     );
+  });
+});
+
+describe('Redis Sentinel over TLS', () => {
+  let tlsSetup: SentinelSetup | undefined;
+  let proxy: TestProxy | undefined;
+  afterAll(async () => {
+    await proxy?.close();
+    await tlsSetup?.stop();
+  });
+
+  it('reads routes and events through TLS to the sentinels and to the master (lookup.redis.tls)', { timeout: 90_000 }, async () => {
+    const dir = tempDir('sentinel-tls');
+    const ca = await makeCA(join(dir, 'ca'));
+    const cert = await makeCert(join(dir, 'server'), { ca, cn: 'redis.example.test', altNames: ['127.0.0.1'], name: 'redis' });
+    tlsSetup = await startSentinels('127.0.0.1', { cert: cert.certFile, key: cert.keyFile, ca: ca.certFile });
+    const w = tlsSetup.client();
+    w.on('error', () => undefined);
+    try {
+      await seed(w, worldRoutes(world));
+    } finally {
+      w.disconnect();
+    }
+    const redis = { sentinels: tlsSetup.sentinels, name: tlsSetup.name, tls: { ca: ca.certFile } };
+    proxy = await startProxy({ listeners: [{ protocol: 'imap' }], lookup: { redis: { ...redis, command_timeout_ms: 2000 } }, limits: { auth_failure_delay_ms: 0 } });
+    await waitUntil(async () => proxy!.server.router.stats.live, { what: 'route events live over TLS' });
+    expect(await imapLogin(proxy.ports.imap!, 'bob@example.com', 'bobpw')).toMatch(/^a OK/);
+    // ctl with the same settings (a config file) publishes; the proxy obeys.
+    const cfgFile = join(dir, 'mailsplice.yaml');
+    writeFileSync(cfgFile, stringify({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { redis } }));
+    const out: string[] = [];
+    const code = await runCtl(['lock', 'user', 'bob@example.com', '--config', cfgFile], { stdout: (t) => out.push(t), stderr: (t) => out.push(t), env: {} });
+    expect(code, out.join('')).toBe(0);
+    await waitUntil(async () => (await imapLogin(proxy!.ports.imap!, 'bob@example.com', 'bobpw')).startsWith('a NO [UNAVAILABLE]'), { what: 'the lock obeyed' });
   });
 });
