@@ -144,3 +144,36 @@ describe('SIGHUP', () => {
     await expect(connectLines({ host: HOST, port: ports.added, timeoutMs: 2000 })).rejects.toThrow();
   });
 });
+
+describe('SIGHUP with workers', () => {
+  it('the primary reads the file and every worker applies it: a listener added, then removed', { timeout: 60_000 }, async () => {
+    const [imap, added] = (await freePorts(HOST, 2)) as [number, number];
+    const doc = (withAdded: boolean) => ({
+      workers: 2,
+      shutdown: { drain_ms: 0 },
+      listeners: [{ protocol: 'imap', address: HOST, port: imap }, ...(withAdded ? [{ protocol: 'imap', address: HOST, port: added }] : [])],
+      lookup: { file: routes },
+      limits: { auth_failure_delay_ms: 0 },
+    });
+    const p = await startProxyProcess(doc(false));
+    try {
+      const reloaded = async (d: object) => {
+        writeFileSync(p.configFile, stringify(d));
+        const from = p.log().length;
+        p.child.kill('SIGHUP');
+        // One "reloaded" line per worker.
+        await waitUntil(async () => (p.log().slice(from).match(/"msg":"reloaded"/g) ?? []).length === 2, { what: 'both workers reloaded', describe: () => p.log().slice(from) });
+      };
+      await reloaded(doc(true));
+      for (let i = 0; i < 4; i++) {
+        const c = await connectLines({ host: HOST, port: added });
+        expect(await c.readLine()).toMatch(/^\* OK /);
+        c.close();
+      }
+      await reloaded(doc(false));
+      await waitUntil(async () => !(await connectLines({ host: HOST, port: added, timeoutMs: 1000 }).then((c) => (c.close(), true), () => false)), { what: 'the removed listener closed' });
+    } finally {
+      await p.stop();
+    }
+  });
+});
