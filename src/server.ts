@@ -168,6 +168,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults(), sieve: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
     ownListeners: new OwnListeners(),
     slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
+    lmtpTransactions: new Set(),
     ...(passwords ? { passwords } : {}),
     ...(oauth ? { oauth } : {}),
     ...(tokens ? { tokens } : {}),

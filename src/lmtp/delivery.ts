@@ -6,6 +6,7 @@ import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
 import { RoutingLoop, type LmtpClient, type LmtpClientOptions } from './client.js';
 import type { BackendPool } from './pool.js';
+import type { LmtpTransaction } from '../session/core.js';
 import { isPositive, reply, replyText, type Reply } from './reply.js';
 
 /**
@@ -88,7 +89,7 @@ function refusesMessageSize(r: Reply): boolean {
 }
 
 /** One backend LMTP transaction: the recipients of one slot. */
-class Leg {
+class Leg implements LmtpTransaction {
   state: LegState = 'opening';
   client: LmtpClient | undefined;
   /** Recipients the backend accepted at RCPT, in the order they were sent. */
@@ -111,6 +112,9 @@ class Leg {
   async open(): Promise<void> {
     const { ctx, route } = this;
     const port = route.ports.lmtp;
+    // Counted until its last reply (or failure), whatever an event says meanwhile: a fence
+    // waits for a transaction past its dot to finish on the old master.
+    ctx.lmtpTransactions.add(this);
     // Registered from the start: a failover event that moves one of these users while we
     // talk to the old master aborts this leg (451, Postfix retries against the new one).
     for (const r of this.recipients) {
@@ -300,6 +304,15 @@ class Leg {
 
   private unregister(): void {
     for (const s of this.sessions.splice(0)) this.ctx.registry.remove(s);
+    this.ctx.lmtpTransactions.delete(this);
+  }
+
+  get slot(): string {
+    return this.route.slot;
+  }
+
+  get stores(): string[] {
+    return [...new Set(this.recipients.map((r) => r.rcpt.route.store))];
   }
 
   /** Any route this leg holds that an event made wrong while it was being opened. */

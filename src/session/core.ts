@@ -58,6 +58,15 @@ export interface ProxyContext {
   defaultDomain?: string;
   /** The bound on backend logins in progress per slot (a login storm after a failover). */
   slotLogins: SlotLogins;
+  /** LMTP backend transactions from their start to their last reply (what a fence waits for). */
+  lmtpTransactions: Set<LmtpTransaction>;
+}
+
+/** One LMTP backend transaction (a delivery's leg to one slot), as fencing counts it. */
+export interface LmtpTransaction {
+  readonly slot: string;
+  /** The stores of its recipients. */
+  readonly stores: readonly string[];
 }
 
 /** A protocol's backend login dialogue, given what to log in with on that backend. */

@@ -86,6 +86,11 @@ export class SessionRegistry implements ChangeListener {
     return out;
   }
 
+  /** Visits every session (a scan: for the heartbeat and shutdown, not for the hot path). */
+  forEach(fn: (s: LiveSession) => void): void {
+    for (const set of this.byLogin.values()) for (const s of set) fn(s);
+  }
+
   /** Sessions of these protocols (a scan: for shutdown, not for the hot path). */
   count(protocols: readonly Protocol[]): number {
     let n = 0;
