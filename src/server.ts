@@ -1,7 +1,6 @@
 import type { Server as HttpServer } from 'node:http';
-import { startAdmin } from './admin.js';
 import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
-import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.js';
+import { answerAdminQuestions, startInstanceSide, type InstanceSide } from './cluster/instance.js';
 import { plaintextAllowed, type Config, type ListenerConfig } from './config.js';
 import { listenerKey, listenerSettings, nextInForce, restartOnlyChanges } from './reload.js';
 import { loadIdentities } from './auth/identity.js';
@@ -183,7 +182,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
   const asks: Answerer = role.worker ?? local!;
   const proxies: TcpListener[] = [];
   const lmtp: LmtpListener[] = [];
-  let admin: HttpServer | undefined;
+  let instance: InstanceSide | undefined;
   let closing: Promise<void> | undefined;
   const close = (opts: { drainMs?: number } = {}): Promise<void> => (closing ??= shutDown(opts.drainMs ?? 0));
   const shutDown = async (drainMs: number) => {
@@ -197,7 +196,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     await drainSessions(registry, ['imap', 'pop3'], drainMs, 'server shutting down');
     await Promise.all([lmtpClosed, ...retiring, ...proxies.map((p) => p.close())]);
     registry.endAll('server shutting down');
-    admin?.close();
+    instance?.close();
     sweep.stop();
     throttle.close();
     await passwords?.close();
@@ -239,13 +238,9 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
   };
   try {
     for (const l of cfg.listeners) await startListener(l, cfg);
-    if (cfg.admin) {
-      answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
-      if (local) {
-        admin = await startAdmin(cfg.admin, instanceAdminSources(local));
-        log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
-      }
-    }
+    if (cfg.admin) answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
+    // This process is the whole instance: the instance side runs here, asking its own handlers.
+    if (local) instance = await startInstanceSide(cfg, log, local);
   } catch (e) {
     await close();
     throw e;
@@ -302,7 +297,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     router,
     proxies,
     lmtp,
-    admin,
+    admin: instance?.admin,
     asks,
     asker: local,
     lookupOutage: lookupLog.outage,

@@ -1,5 +1,8 @@
+import type { Server as HttpServer } from 'node:http';
 import { AggregatorRegistry, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
-import type { AdminSources } from '../admin.js';
+import { startAdmin, type AdminSources } from '../admin.js';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
 import type { Answerer, Asker, WorkerAnswer } from './ask.js';
 import type { IpLedger } from './ip-limits.js';
 
@@ -125,4 +128,30 @@ export function mergeHealth(answers: WorkerAnswer<ProcessHealth>[], clustered: b
     return { worker: a.worker, pid: a.pid, ...a.value };
   });
   return { live, body: { lookupLive: answers.every((a) => a.ok && a.value.lookupLive), sessions, preauth, workers } };
+}
+
+/** What runs once per instance (not per worker): the admin listener, and whatever else reads the instance through askWorkers. */
+export interface InstanceSide {
+  readonly admin: HttpServer | undefined;
+  close(): void;
+}
+
+/**
+ * Starts the instance-wide services in the process that owns the instance: the primary with
+ * workers, the only process without. They see the sessions only through `asker` (and add
+ * here what else is once per instance, e.g. a heartbeat record). `own`: metrics of this
+ * process that no worker reports (the primary's).
+ */
+export async function startInstanceSide(cfg: Config, log: Logger, asker: Asker, own?: Registry): Promise<InstanceSide> {
+  let admin: HttpServer | undefined;
+  if (cfg.admin) {
+    admin = await startAdmin(cfg.admin, instanceAdminSources(asker, own));
+    log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
+  }
+  return {
+    admin,
+    close() {
+      admin?.close();
+    },
+  };
 }

@@ -1,12 +1,11 @@
 import cluster, { type Worker } from 'node:cluster';
 import type { Server as HttpServer } from 'node:http';
-import { startAdmin } from '../admin.js';
 import type { Config } from '../config.js';
 import { removeStaleSocket } from '../lmtp/server.js';
 import { gateLimits } from '../net/gate.js';
 import type { Logger } from '../log.js';
 import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
-import { instanceAdminSources, primaryRegistry } from './instance.js';
+import { primaryRegistry, startInstanceSide, type InstanceSide } from './instance.js';
 import { IpLedger, type IpDenials } from './ip-limits.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
 import { nextInForce } from '../reload.js';
@@ -124,7 +123,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     });
   };
 
-  let admin: HttpServer | undefined;
+  let instance: InstanceSide | undefined;
   const stopWorkers = async () => {
     stopping = true;
     for (const s of slots) {
@@ -153,10 +152,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
   };
 
   try {
-    if (cfg.admin) {
-      admin = await startAdmin(cfg.admin, instanceAdminSources(asks, primaryRegistry(ledger)));
-      log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
-    }
+    instance = await startInstanceSide(cfg, log, asks, primaryRegistry(ledger));
     await new Promise<void>((resolve, reject) => {
       allReady = resolve;
       failStart = reject;
@@ -165,14 +161,14 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     started = true;
   } catch (e) {
     await stopWorkers();
-    admin?.close();
+    instance?.close();
     throw e;
   }
   log.info('workers started', { workers: n, scheduling: cluster.schedulingPolicy === cluster.SCHED_RR ? 'round-robin' : 'kernel' });
 
   return {
     asker: asks,
-    admin,
+    admin: instance?.admin,
     slots,
     reload(next?: Config) {
       reloadAt = Date.now();
@@ -188,7 +184,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     },
     async close() {
       await stopWorkers();
-      admin?.close();
+      instance?.close();
     },
   };
 }
