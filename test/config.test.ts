@@ -24,6 +24,16 @@ describe('config', () => {
     expect(plaintextAllowed(cfg.listeners[0]!)).toBe(false); // TLS configured: no cleartext by default
   });
 
+  it('takes workers: auto or a number, and a parsed config parses again to itself (workers get it as JSON)', () => {
+    const auto = loadConfig(resolve(import.meta.dirname, '../deploy/mailsplice.example.yaml'));
+    expect(auto.workers).toBe('auto');
+    expect(parseConfig(JSON.parse(JSON.stringify(auto)), 'again')).toEqual(auto);
+    const sentinel = parseConfig({ workers: 4, listeners: [{ protocol: 'imap', port: 1143 }], lookup: { redis: { sentinels: ['127.0.0.1:26379'], name: 'm', password: 'x' } } }, 'test');
+    expect(sentinel.workers).toBe(4);
+    expect(parseConfig(JSON.parse(JSON.stringify(sentinel)), 'again')).toEqual(sentinel);
+    expect(() => parseConfig({ workers: 0, listeners: [{ protocol: 'imap', port: 1143 }], lookup: { file: 'r.yaml' } }, 'test')).toThrow(/workers/);
+  });
+
   it('checks the lookup fault settings', () => {
     const doc = (lookup: object) => ({ listeners: [{ protocol: 'imap', port: 1143 }], lookup });
     const cfg = parseConfig(doc({ redis: {} }), 't');
