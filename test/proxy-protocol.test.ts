@@ -63,6 +63,7 @@ beforeAll(async () => {
         { name: 'imaps-pp', protocol: 'imap', tls: 'implicit', ...cert, ...pp },
         { name: 'lmtp-pp', protocol: 'lmtp', ...pp },
         { name: 'imap-mixed', protocol: 'imap', proxy_protocol: 'from_trusted', trusted_networks: [LB] },
+        { name: 'imap-v6', protocol: 'imap', address: '::1', proxy_protocol: 'required', trusted_networks: ['::1/128'] },
       ],
       lookup: { file: routes },
       limits: { auth_failure_delay_ms: 0, auth_failures_per_ip_per_minute: 3, login_timeout_ms: 3000 },
@@ -86,6 +87,7 @@ beforeAll(async () => {
       { name: 'imaps_v2', send: 'v2', to: to('imaps-pp') },
       { name: 'lmtp_v1', send: 'v1', to: to('lmtp-pp') },
       { name: 'mixed_v2', send: 'v2', to: to('imap-mixed') },
+      { name: 'v6_v2', send: 'v2', to: { host: '::1', port: port('imap-v6') }, source: '::1' },
     ],
   });
 }, 90_000);
@@ -259,6 +261,19 @@ describe('through HAProxy', () => {
     await expect.poll(() => logs.some((l) => l.includes('"msg":"login"') && l.includes('"ip":"127.0.0.42"') && !l.includes('"via"'))).toBe(true);
     await expect.poll(() => logs.some((l) => l.includes('"msg":"login"') && l.includes('"ip":"127.0.0.41"') && l.includes(`"via":"${LB}"`))).toBe(true);
     expect(logs.some((l) => l.includes('10.66.66.66'))).toBe(false);
+  });
+});
+
+describe('IPv6 trusted networks', () => {
+  it('a balancer on ::1 (trusted_networks ::1/128) carries an IPv4 client to Dovecot', async () => {
+    const c = await viaLb('v6_v2', '127.0.0.61');
+    try {
+      expect(await imapLogin(c, 'alice@example.com', 'alicepw')).toMatch(/^a OK /);
+    } finally {
+      c.close();
+    }
+    await expect.poll(() => logs.some((l) => l.includes('"msg":"login"') && l.includes('"ip":"127.0.0.61"') && l.includes('"via":"::1"'))).toBe(true);
+    await expect.poll(dovecotLog).toMatch(/Login: user=<alice@example.com>.*rip=127\.0\.0\.61/);
   });
 });
 
