@@ -3,6 +3,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
+import { parseNetwork } from './net/networks.js';
 
 // The config file is YAML. Every object is strict: a misspelt key stops the program with
 // the file and the key's path in the message, rather than silently meaning "default".
@@ -33,7 +34,8 @@ const redisTls = z.strictObject({
 const listener = z
   .strictObject({
     name: z.string().optional(),
-    protocol: z.enum(['imap', 'pop3', 'lmtp']),
+    /** sieve: ManageSieve (RFC 5804), port 4190 unless given. */
+    protocol: z.enum(['imap', 'pop3', 'lmtp', 'sieve']),
     address: z.string().default('127.0.0.1'),
     port: port.optional(),
     /** LMTP only: listen on a unix socket instead of (or as well as) TCP. */
@@ -51,6 +53,23 @@ const listener = z
      */
     plaintext_auth: z.boolean().optional(),
     max_connections: z.number().int().positive().default(20000),
+    /**
+     * PROXY protocol (v1 and v2) from load balancers (HAProxy send-proxy/send-proxy-v2, a
+     * cloud TCP balancer): the address in the header is then the client's everywhere.
+     * `required`: every connection must come from trusted_networks and start with a header
+     * (others are refused); `from_trusted`: connections from trusted_networks must start with
+     * a header, others are clients connecting directly (no header is read from them). TCP only.
+     */
+    proxy_protocol: z.enum(['off', 'required', 'from_trusted']).default('off'),
+    /** Who may send a PROXY header: networks (10.0.0.0/8, 2001:db8::/32) or single addresses. */
+    trusted_networks: z
+      .array(
+        z.string().superRefine((t, ctx) => {
+          const n = parseNetwork(t);
+          if (typeof n === 'string') ctx.addIssue({ code: 'custom', message: n });
+        }),
+      )
+      .default([]),
     /** LMTP unix socket: permissions (an octal string, quoted in YAML), owner and group (name or number). */
     socket_mode: z
       .string()
@@ -59,10 +78,20 @@ const listener = z
     socket_owner: z.string().min(1).optional(),
     socket_group: z.string().min(1).optional(),
   })
+  .transform((l) => (l.protocol === 'sieve' && l.port === undefined ? { ...l, port: 4190 } : l))
   .superRefine((l, ctx) => {
     if (l.port === undefined && l.path === undefined) ctx.addIssue({ code: 'custom', message: 'needs a port (or a path for lmtp)' });
     if (l.path !== undefined && l.protocol !== 'lmtp') ctx.addIssue({ code: 'custom', path: ['path'], message: 'only lmtp listeners take a unix socket path' });
     if (l.tls !== 'none' && (!l.cert || !l.key)) ctx.addIssue({ code: 'custom', path: ['tls'], message: `tls: ${l.tls} needs cert and key` });
+    if (l.proxy_protocol !== 'off' && l.trusted_networks.length === 0) {
+      ctx.addIssue({ code: 'custom', path: ['trusted_networks'], message: `proxy_protocol: ${l.proxy_protocol} needs trusted_networks (the load balancers' addresses)` });
+    }
+    if (l.proxy_protocol === 'off' && l.trusted_networks.length > 0) {
+      ctx.addIssue({ code: 'custom', path: ['trusted_networks'], message: 'trusted_networks only applies with proxy_protocol: required or from_trusted' });
+    }
+    if (l.proxy_protocol !== 'off' && l.path !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['proxy_protocol'], message: 'a PROXY header is read on TCP only, not on a unix socket (path); use a listener of its own' });
+    }
     if (l.path === undefined && (l.socket_owner !== undefined || l.socket_group !== undefined)) {
       ctx.addIssue({ code: 'custom', path: ['socket_owner'], message: 'socket_owner and socket_group apply to a unix socket (path)' });
     }
@@ -89,14 +118,26 @@ const backendTlsOverride = z.strictObject({
   verify: z.boolean().optional(),
 });
 
-export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp'] as const;
+export const BACKEND_PROTOCOLS = ['imap', 'pop3', 'lmtp', 'sieve'] as const;
 export type BackendProtocol = (typeof BACKEND_PROTOCOLS)[number];
+
+/**
+ * A group of slots (globs as in tls_groups) whose backends are sent a PROXY v2 header, on
+ * the protocols listed. LMTP is not among them: its backend connections are pooled and
+ * carry many clients' messages, so no one client's address could stand for one.
+ */
+const proxyProtocolGroup = z.strictObject({
+  slots: z.array(z.string().regex(/^[^\s]+$/, 'a slot id or glob')).min(1),
+  protocols: z.array(z.enum(['imap', 'pop3'])).min(1).default(['imap', 'pop3']),
+});
 
 const backendTlsWithProtocols = z.strictObject({
   ...backendTlsFields,
   imap: backendTlsOverride.optional(),
   pop3: backendTlsOverride.optional(),
   lmtp: backendTlsOverride.optional(),
+  /** ManageSieve (STARTTLS on the slot's sieve port, or implicit). */
+  sieve: backendTlsOverride.optional(),
 });
 
 /**
@@ -335,6 +376,12 @@ const sections = z.strictObject({
       tls: backendTlsWithProtocols.prefault({}),
       tls_groups: z.array(backendTlsGroup).default([]),
       identity_groups: z.array(identityGroup).default([]),
+      /**
+       * Slot groups whose backends take a PROXY protocol v2 header (Dovecot: an
+       * inet_listener with `haproxy = yes`, the proxies in haproxy_trusted_networks): every
+       * IMAP/POP3 connection to them starts with one naming the client. First match wins.
+       */
+      proxy_protocol_groups: z.array(proxyProtocolGroup).default([]),
       /**
        * Send the client's address to IMAP backends with ID, to POP3 backends with XCLIENT.
        * On by default: a backend's per-address limits (Dovecot's auth penalty) must see the

@@ -78,6 +78,8 @@ function parse(argv: string[], options: OptionSpec): { values: Values; positiona
 export async function runCtl(argv: string[], io: CtlIo = processIo): Promise<number> {
   const out = (t: string) => io.stdout(t.endsWith('\n') ? t : `${t}\n`);
   let command: Command | undefined;
+  // `--wait` alone means the default time: parseArgs has no optional option values.
+  argv = argv.map((a) => (a === '--wait' ? '--wait=' : a));
   try {
     const first = parse(argv, allOptions());
     const [name, ...args] = first.positionals;

@@ -1,6 +1,6 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics, type Aggregator } from 'prom-client';
-import type { ProxyContext } from './proxy/core.js';
-import { spliceTotals } from './proxy/splice.js';
+import type { ProxyContext } from './session/core.js';
+import { spliceTotals } from './session/splice.js';
 import { registerLmtpMetrics } from './lmtp/metrics.js';
 
 /**
@@ -72,6 +72,16 @@ export function createMetrics(ctx: ProxyContext): Registry {
     });
   perSlot('mailsplice_slot_logins_queued_total', 'Backend logins that waited for a place (backend.logins_per_slot), by slot', ctx.slotLogins.queued);
   perSlot('mailsplice_slot_logins_refused_total', 'Logins answered with the temporary error because the slot had no place and its queue was full or the wait ran out, by slot', ctx.slotLogins.refused);
+  new Counter({
+    name: 'mailsplice_proxy_headers_total',
+    help: 'PROXY protocol headers awaited from load balancers, by result (proxied, local, untrusted, invalid, timeout)',
+    labelNames: ['result'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [result, n] of Object.entries(ctx.counters.proxyHeaders)) this.inc({ result }, n);
+    },
+  });
   // `aggregator`: how the primary of a multi-process instance merges the workers' values
   // (src/cluster/instance.ts); the default is their sum.
   const simple = (name: string, help: string, read: () => number, kind: 'counter' | 'gauge' = 'counter', aggregator: Aggregator = 'sum') => {

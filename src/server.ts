@@ -1,8 +1,8 @@
 import type { Server as HttpServer } from 'node:http';
-import { startAdmin } from './admin.js';
+import type { Heartbeat } from './fleet/heartbeat.js';
 import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
-import { answerAdminQuestions, instanceAdminSources } from './cluster/instance.js';
-import type { Config, ListenerConfig } from './config.js';
+import { answerAdminQuestions, startInstanceSide, type InstanceSide } from './cluster/instance.js';
+import { plaintextAllowed, type Config, type ListenerConfig } from './config.js';
 import { listenerKey, listenerSettings, nextInForce, restartOnlyChanges } from './reload.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
@@ -11,30 +11,33 @@ import { createLogger, type Logger } from './log.js';
 import { FileSource } from './lookup/file.js';
 import { RedisSource } from './lookup/redis.js';
 import { Router, type AppliedEvent } from './lookup/router.js';
-import { Meters } from './proxy/meters.js';
+import { Meters } from './session/meters.js';
 import type { RouteSource } from './lookup/source.js';
 import { startLmtpListener, type LmtpListener } from './lmtp/server.js';
-import { startHeartbeat, type Heartbeat } from './fleet/heartbeat.js';
 import { localState } from './fleet/state.js';
-import { answerFleetQuestions, fleetAdminSources } from './fleet/admin.js';
+import { answerFleetQuestions } from './fleet/admin.js';
 import { createMetrics } from './metrics.js';
 import { describeRedisError, OutageLog } from './outage.js';
 import { describeEndpoint } from './lookup/redis-endpoint.js';
-import type { LoginResult, ProxyContext } from './proxy/core.js';
-import { reloadBackendTls } from './proxy/backend.js';
-import { ClientGate, gateLimits } from './proxy/gate.js';
-import { FailureDelay, LoginThrottle } from './proxy/throttle.js';
-import { ProxyListener } from './proxy/listener.js';
-import { OwnListeners } from './proxy/own-listeners.js';
-import { SessionRegistry } from './proxy/registry.js';
-import { Sweep } from './proxy/sweep.js';
-import { drainSessions } from './proxy/drain.js';
-import { SlotLogins, type SlotLoginLimits } from './proxy/slot-logins.js';
+import type { ListenerRuntime, LoginResult, ProxyContext } from './session/core.js';
+import { reloadBackendTls } from './net/backend.js';
+import { ClientGate, gateLimits } from './net/gate.js';
+import { FailureDelay, LoginThrottle } from './session/throttle.js';
+import { TcpListener, type FrontEnd } from './net/accept.js';
+import { ListenerTls } from './net/tls.js';
+import { imapFrontEnd } from './imap/imap.js';
+import { pop3FrontEnd } from './pop3/pop3.js';
+import { sieveFrontEnd } from './sieve/preauth.js';
+import { OwnListeners } from './net/own-listeners.js';
+import { SessionRegistry } from './session/registry.js';
+import { Sweep } from './session/sweep.js';
+import { drainSessions } from './session/drain.js';
+import { SlotLogins, type SlotLoginLimits } from './session/slot-logins.js';
 
 export interface RunningServer {
   ctx: ProxyContext;
   router: Router;
-  proxies: ProxyListener[];
+  proxies: TcpListener[];
   lmtp: LmtpListener[];
   admin: HttpServer | undefined;
   /**
@@ -113,6 +116,18 @@ export function createSource(cfg: Config, log: Logger, onError: (e: Error) => vo
   return new FileSource(cfg.lookup.file!, cfg.lookup.default_domain, onError);
 }
 
+/** The pre-auth dialogue of each protocol that listens on TCP alone (LMTP: src/lmtp/server.ts). */
+const frontEnds: Record<string, (rt: ListenerRuntime) => FrontEnd> = { imap: imapFrontEnd, pop3: pop3FrontEnd, sieve: sieveFrontEnd };
+
+/** An IMAP or POP3 listener on the accept pipeline: the process-wide per-address limit, the login deadline for TLS. */
+function tcpListener(l: ListenerConfig, ctx: ProxyContext): TcpListener {
+  const tls = l.tls === 'none' ? undefined : new ListenerTls(l);
+  const front = frontEnds[l.protocol];
+  if (!front) throw new Error(`no front end for protocol ${l.protocol}`);
+  const rt: ListenerRuntime = { cfg: l, tls, plaintextAllowed: plaintextAllowed(l), ctx };
+  return new TcpListener(l, tls, { sweep: ctx.sweep, gate: ctx.gate, handshakeTimeoutMs: ctx.limits.login_timeout_ms, log: ctx.log, counters: ctx.counters, front: front(rt) });
+}
+
 export interface ServerRole {
   /**
    * In a cluster worker: the primary's questions are answered through this, and the admin
@@ -173,10 +188,11 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     limits: cfg.limits,
     backend: cfg.backend,
     log,
-    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults() }, rejectedConnections: 0 },
+    counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults(), sieve: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
     ownListeners: new OwnListeners(),
     slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
     meters,
+    lmtpTransactions: new Set(),
     ...(passwords ? { passwords } : {}),
     ...(oauth ? { oauth } : {}),
     ...(tokens ? { tokens } : {}),
@@ -189,14 +205,13 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
 
   const local = role.worker ? undefined : new LocalAsks();
   const asks: Answerer = role.worker ?? local!;
-  const proxies: ProxyListener[] = [];
+  const proxies: TcpListener[] = [];
   const lmtp: LmtpListener[] = [];
-  let admin: HttpServer | undefined;
-  let heartbeat: Heartbeat | undefined;
+  let instance: InstanceSide | undefined;
   let closing: Promise<void> | undefined;
   const close = (opts: { drainMs?: number } = {}): Promise<void> => (closing ??= shutDown(opts.drainMs ?? 0));
   const shutDown = async (drainMs: number) => {
-    await heartbeat?.close();
+    await instance?.stopping();
     for (const p of proxies) p.server.close();
     // Every connection still before login is told so now (BYE / -ERR), rather than left to
     // its login timeout: a stop must fit in systemd's TimeoutStopSec.
@@ -207,14 +222,14 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     await drainSessions(registry, ['imap', 'pop3'], drainMs, 'server shutting down');
     await Promise.all([lmtpClosed, ...retiring, ...proxies.map((p) => p.close())]);
     registry.endAll('server shutting down');
-    admin?.close();
+    await instance?.close();
     sweep.stop();
     throttle.close();
     await passwords?.close();
     await router.close();
   };
   // Listeners by where they listen, with the settings each was started with (reload() diffs these).
-  const running = new Map<string, { settings: string; proxy?: ProxyListener; lmtp?: LmtpListener }>();
+  const running = new Map<string, { settings: string; proxy?: TcpListener; lmtp?: LmtpListener }>();
   /** Listeners a reload removed or replaced: no longer accepting, their LMTP transactions finishing. */
   const retiring: Promise<void>[] = [];
   const startListener = async (l: ListenerConfig, c: Config): Promise<void> => {
@@ -226,7 +241,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
       running.set(listenerKey(l), { settings: listenerSettings(l, c), lmtp: ll });
       return;
     }
-    const p = new ProxyListener(l, ctx);
+    const p = tcpListener(l, ctx);
     await p.listen();
     proxies.push(p);
     ctx.ownListeners.add(p.address().address, p.address().port);
@@ -253,15 +268,12 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
   try {
     for (const l of cfg.listeners) await startListener(l, cfg);
     listening = true;
-    if (cfg.admin) {
-      answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
-      if (local) {
-        admin = await startAdmin(cfg.admin, { ...instanceAdminSources(local), ...fleetAdminSources(local, (l) => router.normalize(l)) });
-        log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
-      }
+    if (cfg.admin) answerAdminQuestions(asks, createMetrics(ctx), () => ({ lookupLive: router.stats.live, sessions: registry.size, preauth: sweep.size }));
+    // This process is the whole instance: the instance side (admin listener, heartbeat) runs here, asking its own handlers.
+    if (local) {
+      instance = await startInstanceSide(cfg, log, local, { workers: 1 });
+      instance.serving();
     }
-    // The heartbeat is the instance's: here when this process is the whole instance, else the primary's.
-    if (local) heartbeat = startHeartbeat(cfg, local, log, 1);
   } catch (e) {
     await close();
     throw e;
@@ -318,10 +330,10 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     router,
     proxies,
     lmtp,
-    admin,
+    admin: instance?.admin,
     asks,
     asker: local,
-    heartbeat,
+    heartbeat: instance?.heartbeat,
     lookupOutage: lookupLog.outage,
     reload: (next?: Config) => reload(next),
     close,

@@ -5,7 +5,7 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { identityFor } from '../src/auth/identity.js';
 import { ConfigError, loadConfig, parseConfig, plaintextAllowed } from '../src/config.js';
-import { backendTlsFor } from '../src/proxy/backend.js';
+import { backendTlsFor } from '../src/net/backend.js';
 import { tempDir } from './support/tmp.js';
 
 const execFileP = promisify(execFile);
@@ -20,8 +20,18 @@ function file(name: string, text: string): string {
 describe('config', () => {
   it('accepts the example config shipped in deploy/', () => {
     const cfg = loadConfig(resolve(import.meta.dirname, '../deploy/mailsplice.example.yaml'));
-    expect(cfg.listeners.map((l) => l.protocol)).toEqual(['imap', 'imap', 'pop3', 'pop3', 'lmtp']);
+    expect(cfg.listeners.map((l) => l.protocol)).toEqual(['imap', 'imap', 'pop3', 'pop3', 'sieve', 'lmtp']);
     expect(plaintextAllowed(cfg.listeners[0]!)).toBe(false); // TLS configured: no cleartext by default
+  });
+
+  it('takes workers: auto or a number, and a parsed config parses again to itself (workers get it as JSON)', () => {
+    const auto = loadConfig(resolve(import.meta.dirname, '../deploy/mailsplice.example.yaml'));
+    expect(auto.workers).toBe('auto');
+    expect(parseConfig(JSON.parse(JSON.stringify(auto)), 'again')).toEqual(auto);
+    const sentinel = parseConfig({ workers: 4, listeners: [{ protocol: 'imap', port: 1143 }], lookup: { redis: { sentinels: ['127.0.0.1:26379'], name: 'm', password: 'x' } } }, 'test');
+    expect(sentinel.workers).toBe(4);
+    expect(parseConfig(JSON.parse(JSON.stringify(sentinel)), 'again')).toEqual(sentinel);
+    expect(() => parseConfig({ workers: 0, listeners: [{ protocol: 'imap', port: 1143 }], lookup: { file: 'r.yaml' } }, 'test')).toThrow(/workers/);
   });
 
   it('checks the lookup fault settings', () => {
@@ -44,6 +54,21 @@ describe('config', () => {
     expect(() => parseConfig(doc({ sentinels: ['10.0.0.1'], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels\.0: host:port/);
     expect(() => parseConfig(doc({ sentinels: ['10.0.0.1:0'], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels\.0: port 1-65535/);
     expect(() => parseConfig(doc({ sentinels: [], name: 'ms' }), 't')).toThrow(/lookup\.redis\.sentinels/);
+  });
+
+  it('PROXY protocol: proxy_protocol needs trusted_networks (IPv4/IPv6 CIDRs or addresses), TCP only; proxy_protocol_groups per slot', () => {
+    const doc = (l: object, backend: object = {}) => ({ listeners: [{ protocol: 'imap', port: 1143, ...l }], lookup: { file: 'r' }, backend });
+    const cfg = parseConfig(doc({ proxy_protocol: 'required', trusted_networks: ['10.0.0.0/8', '192.0.2.7', '2001:db8::/32', '::1'] }, { proxy_protocol_groups: [{ slots: ['dove*'] }] }), 't');
+    expect(cfg.listeners[0]).toMatchObject({ proxy_protocol: 'required', trusted_networks: ['10.0.0.0/8', '192.0.2.7', '2001:db8::/32', '::1'] });
+    expect(cfg.backend.proxy_protocol_groups).toEqual([{ slots: ['dove*'], protocols: ['imap', 'pop3'] }]);
+    expect(parseConfig(doc({}), 't').listeners[0]!.proxy_protocol).toBe('off');
+    expect(() => parseConfig(doc({ proxy_protocol: 'required' }), 't')).toThrow(/listeners\.0\.trusted_networks: proxy_protocol: required needs trusted_networks/);
+    expect(() => parseConfig(doc({ trusted_networks: ['10.0.0.1'] }), 't')).toThrow(/trusted_networks only applies with proxy_protocol/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'optional', trusted_networks: ['10.0.0.1'] }), 't')).toThrow(/listeners\.0\.proxy_protocol/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'from_trusted', trusted_networks: ['10.0.0.0/33'] }), 't')).toThrow(/trusted_networks\.0: "10\.0\.0\.0\/33": the prefix length must be 0 to 32/);
+    expect(() => parseConfig(doc({ proxy_protocol: 'from_trusted', trusted_networks: ['lb.example.com'] }), 't')).toThrow(/not an IPv4 or IPv6 address/);
+    expect(() => parseConfig({ listeners: [{ protocol: 'lmtp', path: '/run/x.sock', proxy_protocol: 'required', trusted_networks: ['10.0.0.1'] }], lookup: { file: 'r' } }, 't')).toThrow(/TCP only|not on a unix socket/);
+    expect(() => parseConfig(doc({}, { proxy_protocol_groups: [{ slots: ['a'], protocols: ['lmtp'] }] }), 't')).toThrow(/backend\.proxy_protocol_groups\.0\.protocols/);
   });
 
   it('fills defaults and makes paths relative to the file', () => {

@@ -112,7 +112,7 @@ describe('dashboard and alert rules against a real scrape', () => {
     expect((await c.readUntil(/^a /)).at(-1)).toMatch(/^a OK/);
     const all = (await (await get('/sessions')).json()) as { total: number; sessions: Record<string, unknown>[] };
     expect(all.total).toBe(1);
-    expect(all.sessions[0]).toMatchObject({ protocol: 'imap', login: 'carol@example.com', store: 'store1', slot: 'slotA', ip: '127.0.0.1', tls: 'none', listener: 'imap' });
+    expect(all.sessions[0]).toMatchObject({ protocol: 'imap', login: 'carol@example.com', store: 'store1', slot: 'slotA', ip: '127.0.0.1', tls: 'none', listener: `imap:${proxy.port}` });
     expect(((await (await get('/sessions?user=CAROL@example.com')).json()) as { total: number }).total).toBe(1);
     expect(((await (await get('/sessions?slot=slotB')).json()) as { total: number }).total).toBe(0);
     expect((await get('/sessions?who=x')).status).toBe(400);

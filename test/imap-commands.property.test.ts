@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ClientCommands, shownAtLogin, trackCommands, Verdict, Wait, watchAnswers } from '../src/proxy/imap-commands.js';
-import { initialFraming, type FramingState } from '../src/proxy/imap-framing.js';
+import { ClientCommands, shownAtLogin, trackCommands, Verdict, Wait, watchAnswers } from '../src/imap/imap-commands.js';
+import { initialFraming, type FramingState } from '../src/imap/imap-framing.js';
 
 // The client-side command tracker of the splice (pure logic): any chunking of a client's
 // stream gives the same command boundaries, the ones the generator of that stream made;

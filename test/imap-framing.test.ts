@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from '../src/proxy/imap-framing.js';
+import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from '../src/imap/imap-framing.js';
 
 // The response-framing tracker (pure logic), against a byte-at-a-time reference that is
 // plainly right, and against the boundaries a generator of IMAP responses knows it made.

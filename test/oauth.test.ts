@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';
 import { connectLines, type LineClient } from './harness/lines.js';
 import { startOauthIssuer, type OauthIssuer } from './harness/oauth-issuer.js';
+import { createLogger } from '../src/log.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
 import { writeRoutesFile, type RouteModel } from './support/routes.js';
 
@@ -28,6 +29,8 @@ let passSlot: DovecotSlot;
 let checkSlot: DovecotSlot;
 let jwtProxy: TestProxy;
 let introProxy: TestProxy;
+/** Everything the JWT proxy logged, at debug level. */
+const logLines: string[] = [];
 
 const b64 = (s: string): string => Buffer.from(s, 'utf8').toString('base64');
 const bearerMsg = (user: string, token: string): string => b64(`n,a=${user},\x01host=localhost\x01port=143\x01auth=Bearer ${token}\x01\x01`);
@@ -83,7 +86,10 @@ beforeAll(async () => {
   };
   const common = { issuer: issuer.issuer, audience: issuer.audience, scope: 'email', openid_configuration: `${issuer.issuer}/.well-known/openid-configuration` };
   // Fresh listener objects each: startProxy fills in their ports.
-  jwtProxy = await startProxy({ ...base, listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }], auth: { oauth: { ...common, jwt: { jwks_url: issuer.jwksUrl } } } });
+  jwtProxy = await startProxy(
+    { ...base, listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }], auth: { oauth: { ...common, jwt: { jwks_url: issuer.jwksUrl } } } },
+    createLogger('debug', (l) => void logLines.push(l)),
+  );
   introProxy = await startProxy({ ...base, listeners: [{ protocol: 'imap' }, { protocol: 'pop3' }], auth: { oauth: { ...common, introspection: { url: issuer.introspectionUrl } } } });
 }, 60_000);
 
@@ -281,5 +287,13 @@ describe('real clients', () => {
     // And an expired token is refused (curl exit 67: login denied).
     const bad = await execFileP('curl', ['-sS', '--max-time', '20', '--user', `${user}:`, '--oauth2-bearer', issuer.issue({ email: user, expiresIn: -60 }), url], { timeout: 30_000 }).catch((e: { code?: number }) => e);
     expect((bad as { code?: number }).code).toBe(67);
+  });
+});
+
+describe('logs', () => {
+  it('never hold a token, at debug level, after every login above (good and refused, checked and passed through)', () => {
+    expect(logLines.some((l) => /login failed/.test(l))).toBe(true); // the refusals above were logged
+    // Every token the issuer makes is a JWT, whose base64url header starts with "eyJ".
+    expect(logLines.filter((l) => /eyJ[A-Za-z0-9_-]{8,}/.test(l))).toEqual([]);
   });
 });

@@ -3,10 +3,10 @@ import type { Duplex } from 'node:stream';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { canonicalRecipient, parsePathArgument, splitDetail, withDetail } from '../src/lmtp/address.js';
-import { MAX_LITERALS, readImapCommand, type CommandRead } from '../src/proxy/imap-command.js';
-import { astring, encodeAstring, ImapSyntaxError, literalAtEnd, replyTag, tokenize, validTag } from '../src/proxy/imap-syntax.js';
-import { ConnectionClosed, LineReader, LineTooLong } from '../src/proxy/lines.js';
-import { parsePop3Command } from '../src/proxy/pop3.js';
+import { MAX_LITERALS, readImapCommand, type CommandRead } from '../src/imap/imap-command.js';
+import { astring, encodeAstring, ImapSyntaxError, literalAtEnd, replyTag, tokenize, validTag } from '../src/imap/imap-syntax.js';
+import { ConnectionClosed, LineReader, LineTooLong } from '../src/net/lines.js';
+import { parsePop3Command } from '../src/pop3/pop3.js';
 import { decodePlain } from '../src/auth/sasl.js';
 
 // Property tests of every parser that sees input before login (issue 14): random and

@@ -104,13 +104,14 @@ describe('SIGHUP', () => {
       const refused = await connectLines({ host: HOST, port: ports.imap });
       open.push(refused);
       expect(await refused.readLine()).toMatch(/^\* BYE \[UNAVAILABLE\] Too many connections/);
-      // The new listener, from another address; the new log level shows its login.
+      // The new listener, from another address; the new log level shows debug lines (of its login).
+      const fromHere = proxy!.log().length;
       const added = await connectLines({ host: HOST, port: ports.added, localAddress: '127.0.0.2' });
       open.push(added);
       expect(await added.readLine()).toMatch(/^\* OK /);
       added.send('a LOGIN bob@example.com bobpw');
       expect((await added.readUntil(/^a /)).at(-1)).toMatch(/^a OK /);
-      await waitUntil(async () => /"level":"debug","msg":"login spliced".*"login":"bob@example.com"/.test(proxy!.log()), { what: 'a debug line' });
+      await waitUntil(async () => /"level":"debug","msg":"login spliced".*"login":"bob@example.com"/.test(proxy!.log().slice(fromHere)), { what: 'a debug line', describe: () => proxy!.log().slice(fromHere) });
 
       // The session from before the reload is untouched.
       session.send('c FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])');
@@ -141,5 +142,38 @@ describe('SIGHUP', () => {
     expect(log).toMatch(/"msg":"config change needs a restart; the running setting stays","key":"lookup.file"/);
     expect(log).toMatch(/"msg":"listener removed \(open sessions stay\)"/);
     await expect(connectLines({ host: HOST, port: ports.added, timeoutMs: 2000 })).rejects.toThrow();
+  });
+});
+
+describe('SIGHUP with workers', () => {
+  it('the primary reads the file and every worker applies it: a listener added, then removed', { timeout: 60_000 }, async () => {
+    const [imap, added] = (await freePorts(HOST, 2)) as [number, number];
+    const doc = (withAdded: boolean) => ({
+      workers: 2,
+      shutdown: { drain_ms: 0 },
+      listeners: [{ protocol: 'imap', address: HOST, port: imap }, ...(withAdded ? [{ protocol: 'imap', address: HOST, port: added }] : [])],
+      lookup: { file: routes },
+      limits: { auth_failure_delay_ms: 0 },
+    });
+    const p = await startProxyProcess(doc(false));
+    try {
+      const reloaded = async (d: object) => {
+        writeFileSync(p.configFile, stringify(d));
+        const from = p.log().length;
+        p.child.kill('SIGHUP');
+        // One "reloaded" line per worker.
+        await waitUntil(async () => (p.log().slice(from).match(/"msg":"reloaded"/g) ?? []).length === 2, { what: 'both workers reloaded', describe: () => p.log().slice(from) });
+      };
+      await reloaded(doc(true));
+      for (let i = 0; i < 4; i++) {
+        const c = await connectLines({ host: HOST, port: added });
+        expect(await c.readLine()).toMatch(/^\* OK /);
+        c.close();
+      }
+      await reloaded(doc(false));
+      await waitUntil(async () => !(await connectLines({ host: HOST, port: added, timeoutMs: 1000 }).then((c) => (c.close(), true), () => false)), { what: 'the removed listener closed' });
+    } finally {
+      await p.stop();
+    }
   });
 });

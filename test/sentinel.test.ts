@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imapSubjects, lmtpSend } from './harness/clients.js';
 import { connectLines } from './harness/lines.js';
 import { waitUntil } from './harness/proc.js';
+import { makeCA, makeCert } from './harness/certs.js';
 import { startSentinels, type SentinelSetup } from './harness/sentinel.js';
 import { startWorld, type World } from './harness/world.js';
 import { startProxy, type TestProxy } from './support/proxy.js';
@@ -90,13 +91,14 @@ describe('Redis Sentinel failover under load', () => {
 
     let stop = false;
     const deadline = Date.now() + 90_000;
-    const logins: { at: number; proxy: number; reply: string }[] = [];
+    const logins: { began: number; at: number; proxy: number; user: string; reply: string }[] = [];
     const loginLoop = (async () => {
       for (let n = 0; n < 5000 && !stop && Date.now() < deadline; n++) {
         const i = n % 2;
         const [user, pw] = n % 4 < 2 ? ['alice@example.com', 'alicepw'] : ['bob@example.com', 'bobpw'];
+        const began = Date.now();
         const reply = await imapLogin(proxies[i]!.ports.imap!, user, pw).catch((e: Error) => `error ${e.message}`);
-        logins.push({ at: Date.now(), proxy: i, reply });
+        logins.push({ began, at: Date.now(), proxy: i, user, reply });
       }
     })();
     const lmtp: { n: number; reply: string }[] = [];
@@ -124,7 +126,9 @@ describe('Redis Sentinel failover under load', () => {
     const cfgFile = join(tempDir('sentinel'), 'mailsplice.yaml');
     writeFileSync(cfgFile, stringify({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { redis: { sentinels: sentinel.sentinels, name: sentinel.name } } }));
     const out: string[] = [];
+    const failoverFrom = Date.now();
     const code = await runCtl(['failover', 'store1', '--to', 'slotB', '--config', cfgFile], { stdout: (t) => out.push(t), stderr: (t) => out.push(t), env: {} });
+    const failoverTo = Date.now();
     expect(code, out.join('')).toBe(0);
     for (const p of proxies) {
       await waitUntil(async () => (await p.server.router.resolve('alice@example.com')).slot === 'slotB', { what: 'store1 on slotB' });
@@ -139,8 +143,12 @@ describe('Redis Sentinel failover under load', () => {
 
     // Nothing restarted: the same two servers, each with its listeners.
     expect(proxies.map((p) => p.server.proxies.length)).toEqual([1, 1]);
+    // Every login succeeded, except alice's while the failover itself held store1 locked
+    // (the lock between its two steps: "try again", as it should).
     const failed = logins.filter((l) => !/^a OK/.test(l.reply));
-    expect(failed).toEqual([]);
+    const byTheLock = (l: (typeof logins)[number]) =>
+      l.user === 'alice@example.com' && l.at >= failoverFrom && l.began <= failoverTo && /^a NO \[UNAVAILABLE\]/.test(l.reply);
+    expect(failed.filter((l) => !byTheLock(l))).toEqual([]);
     const during = logins.filter((l) => l.at > killedAt && l.at < promotedAt);
     expect(during.length).toBeGreaterThan(0); // the loop did run while there was no primary
 
@@ -158,7 +166,41 @@ describe('Redis Sentinel failover under load', () => {
       .sort((a, b) => a - b);
     expect(onDisk).toEqual(lmtp.map((m) => m.n));
     console.log(
-      `sentinel failover: promotion ${promotedAt - killedAt} ms after the kill; ${logins.length} logins (${during.length} without a primary), 0 failed; ${lmtp.length} LMTP messages, ${refused.length} deferred (4xx), none lost`,
+      `sentinel failover: promotion ${promotedAt - killedAt} ms after the kill; ${logins.length} logins (${during.length} without a primary), none failed (${failed.length} refused by the failover's own lock); ${lmtp.length} LMTP messages, ${refused.length} deferred (4xx), none lost`,
     );
+  });
+});
+
+describe('Redis Sentinel over TLS', () => {
+  let tlsSetup: SentinelSetup | undefined;
+  let proxy: TestProxy | undefined;
+  afterAll(async () => {
+    await proxy?.close();
+    await tlsSetup?.stop();
+  });
+
+  it('reads routes and events through TLS to the sentinels and to the master (lookup.redis.tls)', { timeout: 90_000 }, async () => {
+    const dir = tempDir('sentinel-tls');
+    const ca = await makeCA(join(dir, 'ca'));
+    const cert = await makeCert(join(dir, 'server'), { ca, cn: 'redis.example.test', altNames: ['127.0.0.1'], name: 'redis' });
+    tlsSetup = await startSentinels('127.0.0.1', { cert: cert.certFile, key: cert.keyFile, ca: ca.certFile });
+    const w = tlsSetup.client();
+    w.on('error', () => undefined);
+    try {
+      await seed(w, worldRoutes(world));
+    } finally {
+      w.disconnect();
+    }
+    const redis = { sentinels: tlsSetup.sentinels, name: tlsSetup.name, tls: { ca: ca.certFile } };
+    proxy = await startProxy({ listeners: [{ protocol: 'imap' }], lookup: { redis: { ...redis, command_timeout_ms: 2000 } }, limits: { auth_failure_delay_ms: 0 } });
+    await waitUntil(async () => proxy!.server.router.stats.live, { what: 'route events live over TLS' });
+    expect(await imapLogin(proxy.ports.imap!, 'bob@example.com', 'bobpw')).toMatch(/^a OK/);
+    // ctl with the same settings (a config file) publishes; the proxy obeys.
+    const cfgFile = join(dir, 'mailsplice.yaml');
+    writeFileSync(cfgFile, stringify({ listeners: [{ protocol: 'imap', port: 1 }], lookup: { redis } }));
+    const out: string[] = [];
+    const code = await runCtl(['lock', 'user', 'bob@example.com', '--config', cfgFile], { stdout: (t) => out.push(t), stderr: (t) => out.push(t), env: {} });
+    expect(code, out.join('')).toBe(0);
+    await waitUntil(async () => (await imapLogin(proxy!.ports.imap!, 'bob@example.com', 'bobpw')).startsWith('a NO [UNAVAILABLE]'), { what: 'the lock obeyed' });
   });
 });

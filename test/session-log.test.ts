@@ -91,7 +91,8 @@ describe('session log lines at the default level', () => {
       login: 'alice@example.com',
       backend_login: 'alice@example.com',
       ip: '127.0.0.1',
-      listener: 'imap',
+      // The client info of the accept pipeline names an unnamed listener by protocol and port.
+      listener: `imap:${proxy.port}`,
       tls: 'none',
       store: 'store1',
       slot: 'slotA',

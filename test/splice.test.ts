@@ -11,7 +11,7 @@ import { tempDir } from './support/tmp.js';
 // Bulk data through the splice must arrive byte for byte, whatever the pace of the client:
 // fast readers and slow ones (which make writes queue up, the case where the shared read
 // buffer is handed over to a pending write) at the same time. IMAP and POP3 both read their
-// backends into the shared landing buffer (src/proxy/read-buffer.ts).
+// backends into the shared landing buffer (src/net/read-buffer.ts).
 
 let world: World;
 let proxy: TestProxy;

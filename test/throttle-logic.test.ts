@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
-import { Sweep } from '../src/proxy/sweep.js';
-import { FailureDelay, LoginThrottle, WindowCounts } from '../src/proxy/throttle.js';
+import { Sweep } from '../src/session/sweep.js';
+import { FailureDelay, LoginThrottle, WindowCounts } from '../src/session/throttle.js';
 
 // The throttle's own rules, counted in this process (the Redis path and concurrency through
 // real proxies are in throttle.test.ts).

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { parseConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
-import { backendTlsFor } from '../src/proxy/backend.js';
+import { backendTlsFor } from '../src/net/backend.js';
 import { startServer, type RunningServer } from '../src/server.js';
 import { makeCA, makeCert, type CertFiles } from './harness/certs.js';
 import { startDovecotSlot, type DovecotSlot } from './harness/dovecot.js';

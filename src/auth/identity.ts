@@ -1,6 +1,6 @@
 import type { Config, IdentityGroupConfig } from '../config.js';
 import type { Route } from '../lookup/model.js';
-import { globToRegExp } from '../proxy/backend.js';
+import { globToRegExp } from '../net/backend.js';
 import type { PasswordCredentials, TokenCredentials } from './credentials.js';
 import { readPasswordFile } from './secret-file.js';
 

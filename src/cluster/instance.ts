@@ -1,7 +1,13 @@
+import type { Server as HttpServer } from 'node:http';
 import { AggregatorRegistry, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
-import type { AdminSources } from '../admin.js';
+import { startAdmin, type AdminSources } from '../admin.js';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
 import type { Answerer, Asker, WorkerAnswer } from './ask.js';
 import type { IpLedger } from './ip-limits.js';
+import { fleetAdminSources } from '../fleet/admin.js';
+import { startHeartbeat, type Heartbeat } from '../fleet/heartbeat.js';
+import { normalizeLogin } from '../lookup/model.js';
 
 // What the admin listener says about the whole instance, read through askWorkers: with one
 // process the answers come from its own handlers, with workers one per worker. The admin code
@@ -125,4 +131,64 @@ export function mergeHealth(answers: WorkerAnswer<ProcessHealth>[], clustered: b
     return { worker: a.worker, pid: a.pid, ...a.value };
   });
   return { live, body: { lookupLive: answers.every((a) => a.ok && a.value.lookupLive), sessions, preauth, workers } };
+}
+
+/** What runs once per instance (not per worker): the admin listener, the heartbeat record, and whatever else reads the instance through askWorkers. */
+export interface InstanceSide {
+  readonly admin: HttpServer | undefined;
+  /** The heartbeat record's writer, once `serving()` ran (none with the routes-file lookup). */
+  readonly heartbeat: Heartbeat | undefined;
+  /**
+   * Every serving process is up (listeners bound, workers ready): the heartbeat starts now,
+   * so that its first record tells their state rather than an instance with nothing in it.
+   */
+  serving(): void;
+  /**
+   * The instance is going away: its heartbeat record goes first (a clean stop is not read as
+   * a proxy that died), while the admin listener still answers until `close()`.
+   */
+  stopping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface InstanceSideOptions {
+  /** Metrics of this process that no worker reports (the primary's). */
+  own?: Registry;
+  /** Serving processes (the heartbeat record says how many). */
+  workers: number;
+}
+
+/**
+ * Starts the instance-wide services in the process that owns the instance: the primary with
+ * workers, the only process without. They see the sessions only through `asker`.
+ */
+export async function startInstanceSide(cfg: Config, log: Logger, asker: Asker, opts: InstanceSideOptions): Promise<InstanceSide> {
+  let admin: HttpServer | undefined;
+  let heartbeat: Heartbeat | undefined;
+  let closed = false;
+  if (cfg.admin) {
+    admin = await startAdmin(cfg.admin, {
+      ...instanceAdminSources(asker, opts.own),
+      ...fleetAdminSources(asker, (l) => normalizeLogin(l, cfg.lookup.default_domain)),
+    });
+    log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
+  }
+  const stopping = async (): Promise<void> => {
+    closed = true;
+    await heartbeat?.close();
+  };
+  return {
+    admin,
+    get heartbeat() {
+      return heartbeat;
+    },
+    serving() {
+      if (!closed && !heartbeat) heartbeat = startHeartbeat(cfg, asker, log, opts.workers);
+    },
+    stopping,
+    async close() {
+      await stopping();
+      admin?.close();
+    },
+  };
 }

@@ -1,4 +1,4 @@
-import { ClientGate, type GateLimits } from '../proxy/gate.js';
+import { ClientGate, type GateLimits } from '../net/gate.js';
 
 // Per-address limits over every worker of an instance, at no IPC cost per connection.
 //

@@ -1,16 +1,12 @@
 import cluster, { type Worker } from 'node:cluster';
 import type { Server as HttpServer } from 'node:http';
-import { startAdmin } from '../admin.js';
 import type { Config } from '../config.js';
 import { removeStaleSocket } from '../lmtp/server.js';
-import { gateLimits } from '../proxy/gate.js';
+import { gateLimits } from '../net/gate.js';
 import type { Logger } from '../log.js';
 import { PrimaryAsks, toPrimary, type Asker, type ToWorker, type WorkerSlot } from './ask.js';
-import { instanceAdminSources, primaryRegistry } from './instance.js';
+import { primaryRegistry, startInstanceSide, type InstanceSide } from './instance.js';
 import { IpLedger, type IpDenials } from './ip-limits.js';
-import { startHeartbeat, type Heartbeat } from '../fleet/heartbeat.js';
-import { fleetAdminSources } from '../fleet/admin.js';
-import { normalizeLogin } from '../lookup/model.js';
 import { WORKER_CONFIG_ENV, WORKER_ENV } from './worker.js';
 import { nextInForce } from '../reload.js';
 
@@ -127,8 +123,7 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
     });
   };
 
-  let admin: HttpServer | undefined;
-  let heartbeat: Heartbeat | undefined;
+  let instance: InstanceSide | undefined;
   const stopWorkers = async () => {
     stopping = true;
     for (const s of slots) {
@@ -157,30 +152,24 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
   };
 
   try {
-    if (cfg.admin) {
-      admin = await startAdmin(cfg.admin, {
-        ...instanceAdminSources(asks, primaryRegistry(ledger)),
-        ...fleetAdminSources(asks, (l) => normalizeLogin(l, cfg.lookup.default_domain)),
-      });
-      log.info('listening', { protocol: 'admin', address: cfg.admin.address, port: cfg.admin.port, auth: cfg.admin.token_file ? 'bearer' : 'none' });
-    }
+    instance = await startInstanceSide(cfg, log, asks, { own: primaryRegistry(ledger), workers: n });
     await new Promise<void>((resolve, reject) => {
       allReady = resolve;
       failStart = reject;
       for (const s of slots) fork(s);
     });
     started = true;
-    heartbeat = startHeartbeat(cfg, asks, log, n);
+    instance.serving();
   } catch (e) {
     await stopWorkers();
-    admin?.close();
+    await instance?.close();
     throw e;
   }
   log.info('workers started', { workers: n, scheduling: cluster.schedulingPolicy === cluster.SCHED_RR ? 'round-robin' : 'kernel' });
 
   return {
     asker: asks,
-    admin,
+    admin: instance?.admin,
     slots,
     reload(next?: Config) {
       reloadAt = Date.now();
@@ -195,9 +184,9 @@ export async function startPrimary(cfg: Config, log: Logger, n: number): Promise
       log.info('reload sent to workers', { workers: slots.filter((s) => s.worker).length });
     },
     async close() {
-      await heartbeat?.close();
+      await instance?.stopping();
       await stopWorkers();
-      admin?.close();
+      await instance?.close();
     },
   };
 }

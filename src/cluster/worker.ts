@@ -1,6 +1,6 @@
 import { parseConfig, type Config } from '../config.js';
 import type { Level, Logger, LogFields } from '../log.js';
-import { gateLimits } from '../proxy/gate.js';
+import { gateLimits } from '../net/gate.js';
 import type { RunningServer, ServerRole } from '../server.js';
 import { toWorker, WorkerAsks, type ToPrimary } from './ask.js';
 import { SharedClientGate } from './ip-limits.js';

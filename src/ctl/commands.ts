@@ -1,11 +1,13 @@
 // The `mailsplice ctl` commands: argument handling and output only. What they change and
 // how is in ops.ts, setters.ts, transfer.ts and whereis.ts, written once for every backend.
 
+import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { extraFields, fieldsOf, parseAs, toDoc, type Hash, type HashWrite, type RouteAdmin } from '../lookup/admin.js';
-import { normalizeLogin, type Protocol } from '../lookup/model.js';
+import { normalizeLogin, PROTOCOLS, type Protocol } from '../lookup/model.js';
 import type { ObjectKind } from '../lookup/source.js';
-import { notFound, usageError } from './errors.js';
+import { fenceError, notFound, usageError } from './errors.js';
+import { DEFAULT_WAIT_S, describeFence, waitForFence, waitSeconds, type FenceSource, type FenceWait } from './fence.js';
 import { deleteObject, failover, moveUser, setLock } from './ops.js';
 import { DEFAULT_PORTS, checkId, setSlot, setStore, setUser } from './setters.js';
 import { dumpAll, formatDat, formatRoutes, importDat, importRoutes, type ImportResult } from './transfer.js';
@@ -27,6 +29,8 @@ export interface Ctx {
   out(text: string): void;
   /** Progress and warnings: stderr, so stdout stays parseable. */
   note(text: string): void;
+  /** The proxies' heartbeat records, for --wait (Redis only). */
+  fence?: FenceSource;
 }
 
 export interface Command {
@@ -170,13 +174,13 @@ const storeCommand = objectCommand(
 
 const slotCommand = objectCommand(
   'slot',
-  '[--host H] [--imap P] [--pop3 P] [--lmtp P] [--status up|down]',
-  { host: { type: 'string' }, imap: { type: 'string' }, pop3: { type: 'string' }, lmtp: { type: 'string' }, status: { type: 'string' }, force: { type: 'boolean' } },
+  '[--host H] [--imap P] [--pop3 P] [--lmtp P] [--sieve P] [--status up|down]',
+  { host: { type: 'string' }, imap: { type: 'string' }, pop3: { type: 'string' }, lmtp: { type: 'string' }, sieve: { type: 'string' }, status: { type: 'string' }, force: { type: 'boolean' } },
   async (ctx, id, v) => {
     const status = str(v, 'status');
     if (status !== undefined && status !== 'up' && status !== 'down') throw usageError(`--status is up or down, not ${JSON.stringify(status)}`);
     const ports: Partial<Record<Protocol, number | null>> = {};
-    for (const p of ['imap', 'pop3', 'lmtp'] as const) {
+    for (const p of PROTOCOLS) {
       const n = port(v, p);
       if (n !== undefined) ports[p] = n;
     }
@@ -214,7 +218,7 @@ function lockCommand(lock: boolean): Command {
     name,
     summary: `${name} user|store ID`,
     about: lock ? 'refuse logins, end sessions' : 'let logins through again',
-    help: `usage: mailsplice ctl ${name} user|store ID [--json]
+    help: `usage: mailsplice ctl ${name} user|store ID${lock ? ' [--wait[=SECONDS]]' : ''} [--json]
 
 ${
   lock
@@ -222,27 +226,66 @@ ${
 that store) and answer new logins with a temporary failure (IMAP NO [UNAVAILABLE], POP3
 -ERR [SYS/TEMP], LMTP 451) until unlock.`
     : `Sets status "active" again: logins and deliveries go through.`
-} Locking a store raises its epoch. Already ${lock ? 'locked' : 'unlocked'}: nothing is written.
+} Locking a store raises its epoch. Already ${lock ? 'locked' : 'unlocked'}: nothing is written.${
+      lock
+        ? `
+--wait[=SECONDS]  (store, Redis) then wait, up to SECONDS (default ${DEFAULT_WAIT_S}), until every live
+                  proxy's heartbeat record says it applied the lock's epoch and holds no
+                  session and no LMTP transaction on the store's master: the old master is
+                  free. A proxy whose heartbeat stopped is reported, not waited for.
+                  Exit 4 (lock in place, fence not complete) names the lagging proxies;
+                  --json: {..., fence: {done, clear, lagging, stopped, waitedMs}}.`
+        : ''
+    }
 ${TARGET_OPTS_HELP}`,
-    options: {},
-    async run(ctx, args) {
+    options: lock ? { wait: { type: 'string' } } : {},
+    async run(ctx, args, v) {
       const usage = `mailsplice ctl ${name} user|store ID`;
       arity(args, 2, usage);
       const kind = args[0];
       if (kind !== 'user' && kind !== 'store') throw usageError(`usage: ${usage}`);
+      const seconds = waitOption(v);
+      if (seconds !== undefined && kind !== 'store') throw usageError('--wait goes with lock store');
+      if (seconds !== undefined && !ctx.fence) throw usageError(`--wait needs the Redis lookup: the proxies' heartbeat records live in Redis (${ctx.admin.where} has none)`);
       const r = await setLock(ctx.admin, kind, objectId(ctx, kind, args[1]!), lock);
-      if (ctx.json) return ctx.out(JSON.stringify(r));
-      const epoch = r.epoch !== undefined ? ` (epoch ${r.epoch})` : '';
-      ctx.out(r.changed ? `${lock ? 'locked' : 'unlocked'} ${kind} ${r.id}${epoch}` : `${kind} ${r.id} was already ${r.status === 'locked' ? 'locked' : 'unlocked'}`);
+      const fence = seconds === undefined ? undefined : await waitForFence(ctx.fence!, { store: r.id, master: r.master ?? '', epoch: r.epoch ?? 0 }, seconds * 1000);
+      if (ctx.json) ctx.out(JSON.stringify(fence ? { ...r, fence } : r));
+      else {
+        const epoch = r.epoch !== undefined ? ` (epoch ${r.epoch})` : '';
+        ctx.out(r.changed ? `${lock ? 'locked' : 'unlocked'} ${kind} ${r.id}${epoch}` : `${kind} ${r.id} was already ${r.status === 'locked' ? 'locked' : 'unlocked'}${epoch}`);
+        if (fence) ctx.out(describeFence(fence).join('\n'));
+      }
+      if (fence && !fence.done) throw fenceError(`store ${r.id} is locked, but the fence is not complete: ${[...fence.lagging.map((l) => l.id), ...fence.stopped.map((x) => `${x.id} (heartbeat stopped)`)].join(', ')}`);
     },
   };
+}
+
+/** --wait / --wait=SECONDS as seconds, or undefined when not given. */
+function waitOption(v: Values): number | undefined {
+  try {
+    return waitSeconds(v.wait);
+  } catch (e) {
+    throw usageError((e as Error).message);
+  }
+}
+
+/** Runs the --pause-for command through the shell, its output on stderr; rejects unless it exits 0. */
+function runPause(ctx: Ctx, command: string, env: Record<string, string>): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('/bin/sh', ['-c', command], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+    const relay = (d: Buffer) => ctx.note(d.toString('utf8').replace(/\n$/, ''));
+    child.stdout.on('data', relay);
+    child.stderr.on('data', relay);
+    child.once('error', (e) => reject(new Error(`--pause-for: ${e.message}`)));
+    child.once('close', (code, signal) => (code === 0 ? resolve() : reject(new Error(`--pause-for command ${signal ? `killed by ${signal}` : `exited ${code}`}`))));
+  });
 }
 
 const failoverCommand: Command = {
   name: 'failover',
   summary: 'failover STORE --to SLOT [--force]',
   about: 'move the master role to a replica',
-  help: `usage: mailsplice ctl failover STORE --to SLOT [--force | --already-locked] [--json]
+  help: `usage: mailsplice ctl failover STORE --to SLOT [--force | --already-locked] [--wait[=SECONDS]] [--pause-for CMD] [--json]
 
 Moves the master role of STORE to SLOT, which must be one of its replicas and up:
   1. lock the store (event: every proxy ends the sessions on the old master and answers
@@ -254,18 +297,56 @@ Each step is one MULTI/EXEC that checks what it read has not changed (WATCH).
                   work (stop the old master, replay its sync log); do step 2 only.
 --force           host death: SLOT may be any defined slot, its status and the store's
                   lock are not checked, and both steps are done as one.
+--wait[=SECONDS]  (Redis) between the two steps, wait as ctl lock store --wait does until
+                  every live proxy applied the lock and holds nothing on the old master
+                  (default ${DEFAULT_WAIT_S} s). Not complete in time: the store stays locked,
+                  exit 4, the lagging proxies named (--json: fence).
+--pause-for CMD   then run CMD (sh -c) before the switch: the final replication sync.
+                  Its environment has MAILSPLICE_STORE, MAILSPLICE_OLD_MASTER,
+                  MAILSPLICE_NEW_MASTER and MAILSPLICE_EPOCH (the lock's). CMD failing
+                  leaves the store locked (exit 1).
 Prints the old and new master, the epoch and the time taken.
 Exit: 0 done (or SLOT already master), 2 refused (not a replica, slot down, store locked,
-unknown slot), 3 unknown store, 1 interrupted (the message says how to finish).
+unknown slot), 3 unknown store, 1 interrupted (the message says how to finish), 4 fence
+not complete (store left locked).
 ${TARGET_OPTS_HELP}`,
-  options: { to: { type: 'string' }, force: { type: 'boolean' }, 'already-locked': { type: 'boolean' } },
+  options: { to: { type: 'string' }, force: { type: 'boolean' }, 'already-locked': { type: 'boolean' }, wait: { type: 'string' }, 'pause-for': { type: 'string' } },
   async run(ctx, args, v) {
     arity(args, 1, 'mailsplice ctl failover STORE --to SLOT');
     const to = str(v, 'to');
     if (!to) throw usageError('failover needs --to SLOT');
     if (v.force && v['already-locked']) throw usageError('--force and --already-locked exclude each other');
-    const r = await failover(ctx.admin, checkId('store', args[0]!), checkId('slot', to), { force: v.force === true, alreadyLocked: v['already-locked'] === true });
-    if (ctx.json) return ctx.out(JSON.stringify(r));
+    const seconds = waitOption(v);
+    const pause = str(v, 'pause-for');
+    if (v.force && (seconds !== undefined || pause !== undefined)) throw usageError('--force is one step: there is no pause between lock and switch for --wait or --pause-for');
+    if (seconds !== undefined && !ctx.fence) throw usageError(`--wait needs the Redis lookup: the proxies' heartbeat records live in Redis (${ctx.admin.where} has none)`);
+    const store = checkId('store', args[0]!);
+    const slot = checkId('slot', to);
+    let fence: FenceWait | undefined;
+    const between =
+      seconds === undefined && pause === undefined
+        ? undefined
+        : async (locked: { from: string; epoch: number }) => {
+            if (seconds !== undefined) {
+              fence = await waitForFence(ctx.fence!, { store, master: locked.from, epoch: locked.epoch }, seconds * 1000);
+              for (const line of describeFence(fence)) ctx.note(line);
+              if (!fence.done) {
+                throw fenceError(`the fence is not complete: ${[...fence.lagging.map((l) => l.id), ...fence.stopped.map((x) => `${x.id} (heartbeat stopped)`)].join(', ')}`);
+              }
+            }
+            if (pause !== undefined) {
+              ctx.note(`running --pause-for: ${pause}`);
+              await runPause(ctx, pause, { MAILSPLICE_STORE: store, MAILSPLICE_OLD_MASTER: locked.from, MAILSPLICE_NEW_MASTER: slot, MAILSPLICE_EPOCH: String(locked.epoch) });
+            }
+          };
+    let r;
+    try {
+      r = await failover(ctx.admin, store, slot, { force: v.force === true, alreadyLocked: v['already-locked'] === true, ...(between ? { between } : {}) });
+    } catch (e) {
+      if (ctx.json && fence) ctx.out(JSON.stringify({ store, to: slot, switched: false, fence }));
+      throw e;
+    }
+    if (ctx.json) return ctx.out(JSON.stringify(fence ? { ...r, fence } : r));
     if (r.unchanged) return ctx.out(`store ${r.store}: ${r.to} already is the master; nothing to do (${r.ms} ms)`);
     ctx.out(
       `store ${r.store}: master ${r.from || '(none)'} -> ${r.to}${r.forced ? ' (forced)' : ''}, replicas ${r.replicas.join(',') || '(none)'}, ` +
@@ -311,7 +392,7 @@ ${TARGET_OPTS_HELP}`,
     const w = await whereis(ctx.admin, login(ctx, args[0]!));
     if (ctx.json) return ctx.out(JSON.stringify(w, null, 2));
     const slot = (s: NonNullable<typeof w.master>) =>
-      s.host === undefined ? `${s.id} (not defined)` : `${s.id} ${s.host} imap=${s.ports?.imap ?? '-'} pop3=${s.ports?.pop3 ?? '-'} lmtp=${s.ports?.lmtp ?? '-'} ${s.status}`;
+      s.host === undefined ? `${s.id} (not defined)` : `${s.id} ${s.host} imap=${s.ports?.imap ?? '-'} pop3=${s.ports?.pop3 ?? '-'} lmtp=${s.ports?.lmtp ?? '-'}${s.ports?.sieve ? ` sieve=${s.ports.sieve}` : ''} ${s.status}`;
     const lines = [
       `user      ${w.login} (${w.userStatus})${w.backendLogin !== w.login ? `, backend login ${w.backendLogin}` : ''}`,
       `store     ${w.store}${w.storeStatus ? ` (${w.storeStatus}, epoch ${w.epoch})` : ' (not defined)'}`,

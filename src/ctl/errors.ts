@@ -7,6 +7,12 @@ export const EXIT = {
   usage: 2,
   /** The object the command is about does not exist. */
   notFound: 3,
+  /**
+   * A fence (ctl lock store --wait, ctl failover --wait) did not complete: the lock is in
+   * place, but some live proxy has not confirmed it (or a proxy's heartbeat stopped). The
+   * old master may still be in use; --json names the proxies.
+   */
+  fenceIncomplete: 4,
 } as const;
 
 export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
@@ -25,3 +31,4 @@ export class CtlError extends Error {
 export const usageError = (msg: string) => new CtlError(EXIT.usage, msg);
 export const notFound = (msg: string) => new CtlError(EXIT.notFound, msg);
 export const runtimeError = (msg: string) => new CtlError(EXIT.runtime, msg);
+export const fenceError = (msg: string) => new CtlError(EXIT.fenceIncomplete, msg);

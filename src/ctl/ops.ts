@@ -6,7 +6,7 @@
 import { performance } from 'node:perf_hooks';
 import type { RecordOf, RouteAdmin, Tx } from '../lookup/admin.js';
 import type { ObjectKind } from '../lookup/source.js';
-import { CtlError, notFound, runtimeError, usageError } from './errors.js';
+import { CtlError, EXIT, notFound, runtimeError, usageError } from './errors.js';
 
 const ms = (t0: number) => Math.round((performance.now() - t0) * 10) / 10;
 
@@ -29,6 +29,11 @@ export interface FailoverOptions {
   force?: boolean;
   /** The caller locked the store itself (`ctl lock store`) and did its own work; switch and unlock. */
   alreadyLocked?: boolean;
+  /**
+   * Runs between the lock and the switch (the fence wait, the final replication sync). If it
+   * throws, the store is left locked on the old master and the error says how to finish.
+   */
+  between?: (locked: { from: string; epoch: number }) => Promise<void>;
 }
 
 export interface FailoverResult {
@@ -87,19 +92,34 @@ export async function failover(admin: RouteAdmin, storeId: string, to: string, o
     if (slot.status !== 'up') throw usageError(`slot ${to} is down; bring it up first (ctl slot set ${to} --status up) or use --force`);
     if (opts.alreadyLocked) {
       if (s.status !== 'locked') throw usageError(`store ${storeId} is not locked; leave out --already-locked`);
-      return { unchanged: false as const, s };
+      return { unchanged: false as const, s, lockEpoch: s.epoch };
     }
     if (s.status === 'locked') {
       throw usageError(`store ${storeId} is locked (another failover or maintenance under way); if you locked it yourself add --already-locked, or override with --force`);
     }
     tx.put('store', storeId, { ...s, status: 'locked' });
-    return { unchanged: false as const, s };
+    return { unchanged: false as const, s, lockEpoch: tx.get('store', storeId)?.epoch ?? s.epoch };
   });
   if (first.unchanged) {
     return done({ from: to, replicas: first.s.replicas, epochBefore: first.s.epoch, epochAfter: first.s.epoch, unchanged: true, lockedMs: 0 });
   }
   const tLocked = performance.now();
   const from = first.s.master;
+  if (opts.between) {
+    try {
+      await opts.between({ from, epoch: first.lockEpoch });
+    } catch (e) {
+      const why = e instanceof Error ? e.message : String(e);
+      throw new CtlError(
+        e instanceof CtlError ? e.exit : EXIT.runtime,
+        `failover of ${storeId} stopped after locking it: ${why}
+` +
+          `store ${storeId} is LOCKED on ${from} (epoch ${first.lockEpoch}); finish with: mailsplice ctl failover ${storeId} --to ${to} --already-locked
+` +
+          `or undo with: mailsplice ctl unlock store ${storeId}`,
+      );
+    }
+  }
 
   // Step 2: switch master and unlock, only if nobody changed the store since we locked it.
   try {
@@ -175,6 +195,8 @@ export interface LockResult {
   status: 'active' | 'locked';
   changed: boolean;
   epoch?: number;
+  /** A store's master (the slot a fence waits to be free). */
+  master?: string;
 }
 
 export async function setLock(admin: RouteAdmin, kind: 'user' | 'store', id: string, locked: boolean): Promise<LockResult> {
@@ -187,7 +209,7 @@ export async function setLock(admin: RouteAdmin, kind: 'user' | 'store', id: str
     }
     const s = needStore(tx, id);
     const changed = tx.put('store', id, { ...s, status });
-    return { changed, epoch: tx.get('store', id)?.epoch };
+    return { changed, epoch: tx.get('store', id)?.epoch, master: s.master };
   });
   return { kind, id, status, ...result };
 }

@@ -7,7 +7,7 @@ import type { ObjectKind } from '../lookup/source.js';
 import { usageError } from './errors.js';
 
 /** Ports a slot gets when it is created without them: the protocols' standard ports. */
-export const DEFAULT_PORTS: Record<Protocol, number> = { imap: 143, pop3: 110, lmtp: 24 };
+export const DEFAULT_PORTS: Record<Exclude<Protocol, 'sieve'>, number> = { imap: 143, pop3: 110, lmtp: 24 };
 
 /**
  * Store and slot ids end up in Redis keys, comma lists (replicas) and production.dat lines,
@@ -85,7 +85,7 @@ export interface SlotChanges {
 export async function setSlot(admin: RouteAdmin, id: string, ch: SlotChanges): Promise<SetResult<'slot'>> {
   checkId('slot', id);
   const portChanges = Object.entries(ch.ports ?? {}) as [Protocol, number | null][];
-  if (ch.host === undefined && ch.status === undefined && portChanges.length === 0) throw usageError('nothing to set: give --host, --imap, --pop3, --lmtp or --status');
+  if (ch.host === undefined && ch.status === undefined && portChanges.length === 0) throw usageError('nothing to set: give --host, --imap, --pop3, --lmtp, --sieve or --status');
   if (ch.host !== undefined && (ch.host === '' || /\s/.test(ch.host))) throw usageError(`bad host ${JSON.stringify(ch.host)}`);
   const { result } = await admin.update([{ kind: 'slot', id }], (tx) => {
     const cur = tx.get('slot', id);

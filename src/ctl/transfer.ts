@@ -30,7 +30,7 @@ export interface ImportResult {
 }
 
 export interface ImportOptions {
-  ports: Record<Protocol, number>;
+  ports: Partial<Record<Protocol, number>>;
   dryRun: boolean;
   /** production.dat: take each store's first slot as master even when it has failed over since. */
   mastersFromFile: boolean;
@@ -215,7 +215,7 @@ export function formatDat(d: Dump, where: string): string {
   const out = [`# store lines exported by mailsplice ctl from ${where}; master first`];
   out.push('# slots (as stored; production.dat slot lines cannot be rebuilt from them):');
   for (const [id, h] of d.slots) {
-    const ports = (['imap', 'pop3', 'lmtp'] as const).map((p) => `${p}=${h[p] ?? '-'}`).join(' ');
+    const ports = (['imap', 'pop3', 'lmtp', 'sieve'] as const).filter((p) => p !== 'sieve' || h[p] !== undefined).map((p) => `${p}=${h[p] ?? '-'}`).join(' ');
     out.push(`#   ${id} ${h.host ?? '?'} ${ports} ${h.status ?? 'up'}`);
   }
   for (const [id, h] of d.stores) {

@@ -6,7 +6,7 @@ import type { AdminSources } from '../admin.js';
 import type { Answerer, Asker } from '../cluster/ask.js';
 import type { Router } from '../lookup/router.js';
 import type { KickEvent, RouteSource } from '../lookup/source.js';
-import type { SessionRegistry } from '../proxy/registry.js';
+import type { SessionRegistry } from '../session/registry.js';
 import { DEFAULT_SESSION_LIMIT, filterFromQuery, localSessions, mergeSessions } from './sessions.js';
 
 /** One serving process's readiness. */

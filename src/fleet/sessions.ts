@@ -2,7 +2,7 @@
 // session of the instance. Each serving process answers `localSessions` for itself (askWorkers
 // 'sessions'); the admin side merges the answers with `mergeSessions`, a pure function.
 
-import type { SessionRegistry } from '../proxy/registry.js';
+import type { SessionRegistry } from '../session/registry.js';
 
 /** Which sessions: one user (normal form), store or slot; none: all. */
 export interface SessionFilter {

@@ -6,7 +6,7 @@
 
 import type { Protocol } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
-import type { SessionRegistry } from '../proxy/registry.js';
+import type { SessionRegistry } from '../session/registry.js';
 
 /** The last route event a process applied. `at`: ms since the epoch. */
 export interface AppliedEvent {
@@ -53,7 +53,7 @@ function addInto(into: Record<string, number>, from: Record<string, number>): vo
 /** Several processes' parts as one: counts add up, events are live only if live everywhere, the newest last event. */
 export function mergeStates(parts: readonly ProcessState[]): ProcessState {
   const out: ProcessState = {
-    sessions: { total: 0, by_protocol: { imap: 0, pop3: 0, lmtp: 0 }, by_slot: {} },
+    sessions: { total: 0, by_protocol: { imap: 0, pop3: 0, lmtp: 0, sieve: 0 }, by_slot: {} },
     events: { live: parts.length > 0, applied: 0, last: null },
   };
   for (const p of parts) {

@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { BackendRefused, openBackend, startBackendTls } from '../proxy/backend.js';
-import type { OwnListeners } from '../proxy/own-listeners.js';
+import { BackendRefused, openBackend, startBackendTls } from '../net/backend.js';
+import type { OwnListeners } from '../net/own-listeners.js';
 import { DotEncoder } from './dot.js';
 import { ReplyAssembler, isPositive, replyText, type Reply } from './reply.js';
 

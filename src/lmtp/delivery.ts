@@ -1,12 +1,14 @@
 import { identityFor } from '../auth/identity.js';
-import { BackendRefused, backendTlsFor } from '../proxy/backend.js';
-import type { ProxyContext } from '../proxy/core.js';
-import type { LiveSession } from '../proxy/registry.js';
-import { newSessionId, type SessionInfo } from '../proxy/session-info.js';
+import { BackendRefused, backendTlsFor } from '../net/backend.js';
+import type { ProxyContext } from '../session/core.js';
+import type { LiveSession } from '../session/registry.js';
+import { newSessionId, type SessionInfo } from '../session/session-info.js';
+import type { ClientInfo } from '../net/client-info.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
 import { withDetail } from './address.js';
 import { RoutingLoop, type LmtpClient, type LmtpClientOptions } from './client.js';
 import type { BackendPool } from './pool.js';
+import type { LmtpTransaction } from '../session/core.js';
 import { isPositive, reply, replyText, type Reply } from './reply.js';
 
 /**
@@ -89,7 +91,7 @@ function refusesMessageSize(r: Reply): boolean {
 }
 
 /** One backend LMTP transaction: the recipients of one slot. */
-class Leg {
+class Leg implements LmtpTransaction {
   state: LegState = 'opening';
   client: LmtpClient | undefined;
   /** Recipients the backend accepted at RCPT, in the order they were sent. */
@@ -112,6 +114,9 @@ class Leg {
   async open(): Promise<void> {
     const { ctx, route } = this;
     const port = route.ports.lmtp;
+    // Counted until its last reply (or failure), whatever an event says meanwhile: a fence
+    // waits for a transaction past its dot to finish on the old master.
+    ctx.lmtpTransactions.add(this);
     // Registered from the start: a failover event that moves one of these users while we
     // talk to the old master aborts this leg (451, Postfix retries against the new one).
     for (const r of this.recipients) {
@@ -302,6 +307,15 @@ class Leg {
 
   private unregister(): void {
     for (const s of this.sessions.splice(0)) this.ctx.registry.remove(s);
+    this.ctx.lmtpTransactions.delete(this);
+  }
+
+  get slot(): string {
+    return this.route.slot;
+  }
+
+  get stores(): string[] {
+    return [...new Set(this.recipients.map((r) => r.rcpt.route.store))];
   }
 
   /** Any route this leg holds that an event made wrong while it was being opened. */
@@ -350,9 +364,10 @@ export class Delivery {
     readonly envelope: DeliveryEnvelope,
     readonly recipients: Recipient[],
     readonly totals: DeliveryCounters,
+    client: ClientInfo,
   ) {
     this.results = recipients.map(() => undefined);
-    this.info = { id: newSessionId(), started: Date.now(), ip: '', port: 0, listener: 'lmtp', tls: 'none' };
+    this.info = { id: newSessionId(), started: Date.now(), ip: client.transport === 'tcp' ? client.address : '', port: client.port, listener: client.listener, tls: client.tls?.version ?? 'none' };
   }
 
   /** What the session registry shows of this delivery's legs. */

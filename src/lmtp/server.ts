@@ -1,11 +1,13 @@
 import cluster from 'node:cluster';
 import { chmodSync, chownSync, lstatSync, unlinkSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server } from 'node:net';
 import type { Config, ListenerConfig } from '../config.js';
-import type { ProxyContext } from '../proxy/core.js';
-import { ListenerTls } from '../proxy/tls.js';
+import type { ProxyContext } from '../session/core.js';
+import { ListenerTls } from '../net/tls.js';
+import { AcceptPipeline, listenOn, type FrontEnd } from '../net/accept.js';
+import { ConnectionsPerAddress } from '../net/gate.js';
 import { resolveId } from '../preflight.js';
-import { WindowCounts } from '../proxy/throttle.js';
+import { WindowCounts } from '../session/throttle.js';
 import { lmtpTotals, type LmtpTotals } from './metrics.js';
 import { BackendPool } from './pool.js';
 import { formatReply, reply } from './reply.js';
@@ -35,6 +37,9 @@ export interface LmtpListener {
   address(): { address: string; port: number } | undefined;
   /** Unix socket path, when listening on one. */
   readonly path: string | undefined;
+  readonly cfg: ListenerConfig;
+  /** Its certificates (implicit TLS), read again on SIGHUP. */
+  readonly tls: ListenerTls | undefined;
   readonly connections: number;
   /** Reads the certificate files again (SIGHUP); the next handshake uses them. Throws, keeping the old ones, if they do not load. */
   reloadTls(): void;
@@ -50,14 +55,6 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
   const refusedFrom = new WindowCounts(60_000, ctx.sweep);
   const env: LmtpEnv = { ctx, cfg: lmtp, totals, pool, perIp };
   const sessions = new Set<LmtpSession>();
-  let open = 0;
-  /** Open TCP connections per client address (unix socket clients have none). */
-  const byIp = new Map<string, number>();
-  const released = (ip: string) => {
-    const n = (byIp.get(ip) ?? 1) - 1;
-    if (n <= 0) byIp.delete(ip);
-    else byIp.set(ip, n);
-  };
 
   // Transaction deadlines, on the shared sweep's tick: one pass over this listener's sessions.
   ctx.sweep.every(() => {
@@ -65,67 +62,45 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
     for (const s of sessions) if (s.deadline <= now) s.expire();
   });
 
-  const start = (socket: Socket, peer: string, ip: string | undefined) => {
-    const s = new LmtpSession(socket, env, peer, ip);
-    sessions.add(s);
-    void s.done.finally(() => sessions.delete(s));
-  };
-
-  const accept = (socket: Socket) => {
-    socket.on('error', () => socket.destroy());
-    const ip = socket.remoteAddress;
-    const peer = ip ? `${ip}:${socket.remotePort}` : 'unix';
-    const fromIp = ip === undefined ? 0 : (byIp.get(ip) ?? 0);
-    if (open >= l.max_connections || fromIp >= lmtp.connections_per_ip) {
-      ctx.counters.rejectedConnections++;
-      const why = open >= l.max_connections ? 'Too many connections' : 'Too many connections from your address';
+  const front: FrontEnd = {
+    refused(why, client) {
+      const words = why === 'listener-full' ? 'Too many connections' : 'Too many connections from your address';
       // One line per address and minute, not one per refused connection.
-      if (refusedFrom.add(ip ?? 'unix') === 1) ctx.log.warn('lmtp connections refused', { ip: ip ?? 'unix', why });
-      if (tls) socket.destroy();
-      else socket.end(formatReply(reply(421, '4.7.0', `${lmtp.hostname} ${why}, try again later`)));
-      return;
-    }
-    open++;
-    if (ip !== undefined) byIp.set(ip, fromIp + 1);
-    socket.once('close', () => {
-      open--;
-      if (ip !== undefined) released(ip);
-    });
-    socket.setNoDelay(true);
-    if (!tls) return start(socket, peer, ip);
-    const timer = setTimeout(() => socket.destroy(), lmtp.timeout_ms);
-    tls.accept(socket).then(
-      (secure) => {
-        clearTimeout(timer);
-        start(secure, peer, ip);
-      },
-      () => {
-        clearTimeout(timer);
-        socket.destroy();
-      },
-    );
+      if (refusedFrom.add(client.address) === 1) ctx.log.warn('lmtp connections refused', { ip: client.address, why: words });
+      return formatReply(reply(421, '4.7.0', `${lmtp.hostname} ${words}, try again later`));
+    },
+    start(socket, client) {
+      socket.setNoDelay(true);
+      const s = new LmtpSession(socket, env, client);
+      sessions.add(s);
+      void s.done.finally(() => sessions.delete(s));
+    },
   };
+  // Per TCP client address (unix socket clients have none), this listener's own limit.
+  const pipeline = new AcceptPipeline({
+    cfg: l,
+    tls,
+    sweep: ctx.sweep,
+    gate: new ConnectionsPerAddress(lmtp.connections_per_ip),
+    handshakeTimeoutMs: lmtp.timeout_ms,
+    log: ctx.log,
+    counters: ctx.counters,
+    front,
+  });
 
   // allowHalfOpen: a client that sends its last command and FIN still gets the replies.
   const servers: Server[] = [];
-  const make = () => {
-    const s = createServer({ allowHalfOpen: true, noDelay: true }, accept);
+  const make = (transport: 'tcp' | 'unix') => {
+    const s = createServer({ allowHalfOpen: true, noDelay: true }, pipeline.handler(transport));
     servers.push(s);
     return s;
   };
-  const listen = (s: Server, opts: { host: string; port: number } | { path: string }) =>
-    new Promise<void>((resolve, reject) => {
-      s.once('error', reject);
-      s.listen({ ...opts, backlog: 1024 }, () => {
-        s.off('error', reject);
-        resolve();
-      });
-    });
+  const listen = (s: Server, opts: { host: string; port: number } | { path: string }) => listenOn(s, opts, 1024);
 
   let tcp: Server | undefined;
   try {
     if (l.port !== undefined) {
-      tcp = make();
+      tcp = make('tcp');
       await listen(tcp, { host: l.address, port: l.port });
       const a = tcp.address();
       ctx.log.info('listening', { protocol: 'lmtp', address: l.address, port: typeof a === 'object' && a ? a.port : l.port, tls: l.tls });
@@ -133,7 +108,7 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
     if (l.path !== undefined) {
       // With workers the primary removed it before forking them: here it would be the live one.
       if (!cluster.isWorker) removeStaleSocket(l.path);
-      await listen(make(), { path: l.path });
+      await listen(make('unix'), { path: l.path });
       // Whoever can connect can deliver as anyone: the socket is for the MTA's user only
       // (socket_group: postfix, mode 0660), never for every local user (0666).
       const uid = l.socket_owner === undefined ? -1 : resolveId('passwd', l.socket_owner);
@@ -148,13 +123,15 @@ export async function startLmtpListener(l: ListenerConfig, lmtp: Config['lmtp'],
   }
 
   return {
+    cfg: l,
     path: l.path,
+    tls,
     address() {
       const a = tcp?.address();
       return a && typeof a === 'object' ? { address: a.address, port: a.port } : undefined;
     },
     get connections() {
-      return open;
+      return pipeline.connections;
     },
     reloadTls() {
       tls?.reload();

@@ -1,9 +1,10 @@
 import type { Socket } from 'node:net';
 import type { Config } from '../config.js';
 import { LookupFailure, type Route } from '../lookup/model.js';
-import type { LoginResult, ProxyContext } from '../proxy/core.js';
+import type { LoginResult, ProxyContext } from '../session/core.js';
+import { peerText, type ClientInfo } from '../net/client-info.js';
 import { canonicalRecipient, parsePathArgument, splitDetail } from './address.js';
-import type { WindowCounts } from '../proxy/throttle.js';
+import type { WindowCounts } from '../session/throttle.js';
 import { Delivery, lookupFailureReply, type Recipient } from './delivery.js';
 import { DotDecoder } from './dot.js';
 import type { LmtpTotals, RcptResult } from './metrics.js';
@@ -87,13 +88,19 @@ export class LmtpSession {
    */
   deadline: number;
 
+  /** `address:port` for logs, `unix` on a unix socket. */
+  private readonly peer: string;
+  /** The client's address on TCP; undefined on a unix socket (not limited per address). */
+  private readonly ip: string | undefined;
+
   constructor(
     private readonly socket: Socket,
     private readonly env: LmtpEnv,
-    private readonly peer: string,
-    /** The client's address on TCP; undefined on a unix socket (not limited per address). */
-    private readonly ip: string | undefined,
+    /** Who this is, as the accept pipeline found it (a PROXY header's address, TLS facts). */
+    readonly client: ClientInfo,
   ) {
+    this.peer = peerText(client);
+    this.ip = client.transport === 'tcp' ? client.address : undefined;
     this.deadline = Date.now() + env.cfg.transaction_timeout_ms;
     socket.on('data', this.onData);
     socket.on('end', this.onEnd);
@@ -102,6 +109,8 @@ export class LmtpSession {
     // A TLS client that hung up right after its handshake: its 'close' came before we were
     // handed the socket, and would otherwise keep this session (and a shutdown) waiting.
     if (socket.destroyed) this.closed = this.ended = true;
+    // The accept pipeline may hand the socket over paused (it read a PROXY header from it).
+    socket.resume();
     // One timer per connection, refreshed on input: cheaper than a timer per read.
     this.idle = setTimeout(this.onIdle, env.cfg.timeout_ms);
     this.idle.unref();
@@ -521,6 +530,7 @@ export class LmtpSession {
       { from: tx.from, body8bit: tx.body8bit, ...(tx.size === undefined ? {} : { size: tx.size }) },
       tx.unique,
       totals,
+      this.client,
     );
     await delivery.open();
     this.write(reply(354, undefined, 'End data with <CR><LF>.<CR><LF>'));

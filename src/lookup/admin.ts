@@ -35,7 +35,7 @@ export interface RecordOf {
 export const MODEL_FIELDS: { readonly [K in ObjectKind]: readonly string[] } = {
   user: ['store', 'status', 'backend_login'],
   store: ['master', 'replicas', 'status', 'epoch'],
-  slot: ['host', 'imap', 'pop3', 'lmtp', 'status'],
+  slot: ['host', 'imap', 'pop3', 'lmtp', 'sieve', 'status'],
 };
 
 /**
@@ -102,7 +102,7 @@ export function extraFields(kind: ObjectKind, h: Hash | undefined): Hash {
 export type DocValue = string | number | string[];
 export type DocEntry = Record<string, DocValue>;
 
-const NUMERIC = new Set(['epoch', 'imap', 'pop3', 'lmtp']);
+const NUMERIC = new Set(['epoch', 'imap', 'pop3', 'lmtp', 'sieve']);
 
 /**
  * A hash as the routes file (and `--json`) writes it: ports and epoch as numbers, replicas

@@ -4,7 +4,9 @@
 
 import { isIPv6 } from 'node:net';
 
-export type Protocol = 'imap' | 'pop3' | 'lmtp';
+/** Every protocol a slot may serve; `sieve` (ManageSieve, RFC 5804) is optional on a slot. */
+export const PROTOCOLS = ['imap', 'pop3', 'lmtp', 'sieve'] as const;
+export type Protocol = (typeof PROTOCOLS)[number];
 
 export interface UserRecord {
   store: string;
@@ -282,7 +284,7 @@ export function parseSlot(f: Fields | undefined, id: string): SlotRecord | undef
   if (bad) throw new RecordError(`${what}: unusable host ${JSON.stringify(host)} (${bad})`);
   const st = status(f.status, ['up', 'down'] as const, 'up', what);
   const ports: Partial<Record<Protocol, number>> = {};
-  for (const p of ['imap', 'pop3', 'lmtp'] as const) {
+  for (const p of PROTOCOLS) {
     const n = port(f[p], what, p);
     if (n !== undefined) ports[p] = n;
   }

@@ -487,6 +487,14 @@ export class Router {
     this.opts.onLive?.(true, all.length);
   }
 
+  /**
+   * The epoch of every store in the cache: the highest this process has applied (a store's
+   * epoch only goes forward here). For the heartbeat's fencing record.
+   */
+  *appliedEpochs(): IterableIterator<[string, number]> {
+    for (const [id, s] of this.stores) if (isRecord(s)) yield [id, s.epoch];
+  }
+
   private cached(ev: ChangeEvent): Cached<UserRecord | StoreRecord | SlotRecord> | undefined {
     if (ev.kind === 'user') return this.users.get(ev.id);
     if (ev.kind === 'store') return this.stores.get(ev.id);

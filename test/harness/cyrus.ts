@@ -69,6 +69,8 @@ export interface CyrusSlot {
   lmtpAuth: number;
   /** sync_server, the target of another slot's syncUser(). */
   sync: number;
+  /** timsieved (ManageSieve, from cyrus-common). */
+  sieve: number;
   imaps?: number;
   pop3s?: number;
   dir: string;
@@ -236,8 +238,8 @@ export async function startCyrusSlot(opts: CyrusSlotOptions): Promise<CyrusSlot>
     await chown(d, owner.uid, owner.gid);
   }
 
-  const [imap, pop3, lmtp, lmtpAuth, sync, imaps, pop3s] = (await freePorts(host, opts.tls ? 7 : 5)) as [
-    number, number, number, number, number, number | undefined, number | undefined,
+  const [imap, pop3, lmtp, lmtpAuth, sync, sieve, imaps, pop3s] = (await freePorts(host, opts.tls ? 8 : 6)) as [
+    number, number, number, number, number, number, number | undefined, number | undefined,
   ];
 
   let tlsConf = '';
@@ -314,6 +316,7 @@ SERVICES {
   lmtp ${cmd(common('lmtpd'), '-a')} ${listen(lmtp)} prefork=0
   lmtpauth ${cmd(common('lmtpd'))} ${listen(lmtpAuth)} prefork=0
   syncserver ${cmd(unpacked('sync_server'))} ${listen(sync)} prefork=0
+  sieve ${cmd(common('timsieved'))} ${listen(sieve)} prefork=0
 ${imaps !== undefined ? `  imaps ${cmd(unpacked('imapd'), '-s')} ${listen(imaps)} prefork=0\n` : ''}${pop3s !== undefined ? `  pop3s ${cmd(unpacked('pop3d'), '-s')} ${listen(pop3s)} prefork=0\n` : ''}}
 EVENTS {
   checkpoint ${cmd(common('ctl_cyrusdb'), '-c')} period=30
@@ -475,6 +478,7 @@ DAEMON {
     lmtp,
     lmtpAuth,
     sync,
+    sieve,
     ...(imaps !== undefined ? { imaps } : {}),
     ...(pop3s !== undefined ? { pop3s } : {}),
     dir,

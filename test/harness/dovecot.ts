@@ -36,6 +36,11 @@ export interface DovecotSlotOptions {
   masterUsers?: SlotUser[];
   /** Appended verbatim to the generated dovecot.conf (later settings win). */
   extraConfig?: string;
+  /**
+   * ManageSieve (dovecot-managesieved) on a port of its own, and Sieve run by LMTP on
+   * delivery (dovecot-sieve: mail_plugins sieve), scripts in ~/sieve.
+   */
+  sieve?: boolean;
 }
 
 export interface DovecotSlot {
@@ -46,6 +51,8 @@ export interface DovecotSlot {
   lmtp: number;
   imaps?: number;
   pop3s?: number;
+  /** ManageSieve, when started with `sieve: true`. */
+  sieve?: number;
   dir: string;
   /** Dovecot's main log (errors/warnings and info). */
   logFile: string;
@@ -122,9 +129,10 @@ export async function startDovecotSlot(opts: DovecotSlotOptions): Promise<Doveco
   await mkdir(mailRoot, { recursive: true });
   await chown(mailRoot, owner.uid, owner.gid);
 
-  const [imap, pop3, lmtp, imaps, pop3s] = (await freePorts(host, opts.tls ? 5 : 3)) as [
-    number, number, number, number | undefined, number | undefined,
-  ];
+  const ports = await freePorts(host, 3 + (opts.tls ? 2 : 0) + (opts.sieve ? 1 : 0));
+  const [imap, pop3, lmtp] = ports as [number, number, number];
+  const [imaps, pop3s] = opts.tls ? (ports.slice(3, 5) as [number, number]) : [undefined, undefined];
+  const sieve = opts.sieve ? ports.at(-1) : undefined;
 
   const home = (user: string): string => path.join(mailRoot, user);
   // passwd-file: user:password:uid:gid:gecos:home:shell:extra. Serves as both
@@ -162,7 +170,7 @@ instance_name = ${instanceName}
 base_dir = ${runDir}
 state_dir = ${stateDir}
 listen = ${host}
-protocols = imap pop3 lmtp
+protocols = imap pop3 lmtp${sieve !== undefined ? ' sieve' : ''}
 
 # No syslog in the test environment.
 log_path = ${logFile}
@@ -231,6 +239,15 @@ service pop3-login {
 ${listener('pop3', pop3)}${listener('pop3s', pop3s, true)}}
 service lmtp {
 ${listener('lmtp', lmtp)}}
+${sieve !== undefined ? `service managesieve-login {
+${listener('sieve', sieve)}}
+protocol lmtp {
+  mail_plugins = $mail_plugins sieve
+}
+plugin {
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}
+` : ''}
 service imap {
   process_limit = 1000
 }
@@ -316,6 +333,7 @@ ${opts.extraConfig ?? ''}
     lmtp,
     ...(imaps !== undefined ? { imaps } : {}),
     ...(pop3s !== undefined ? { pop3s } : {}),
+    ...(sieve !== undefined ? { sieve } : {}),
     dir,
     logFile,
     users,

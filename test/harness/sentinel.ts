@@ -1,10 +1,10 @@
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Redis } from 'ioredis';
 import { freePorts } from './ports.js';
 import { spawnDaemon, waitUntil, type Daemon } from './proc.js';
-import { redisCommand } from './redis.js';
 
 /**
  * Redis Sentinel on loopback, as Debian ships it (redis-server, redis-sentinel): one primary,
@@ -32,13 +32,27 @@ export interface SentinelSetup {
 
 const NAME = 'mailsplice';
 
-async function sentinelConf(dir: string, port: number, masterPort: number, host: string): Promise<string> {
+/** Server side of TLS for every daemon of the setup (clients need no certificate of their own). */
+export interface SetupTls {
+  cert: string;
+  key: string;
+  ca: string;
+}
+
+function tlsArgs(tls: SetupTls | undefined, port: number): string[] {
+  if (!tls) return ['--port', String(port)];
+  return ['--port', '0', '--tls-port', String(port), '--tls-cert-file', tls.cert, '--tls-key-file', tls.key, '--tls-ca-cert-file', tls.ca, '--tls-auth-clients', 'no', '--tls-replication', 'yes'];
+}
+
+async function sentinelConf(dir: string, port: number, masterPort: number, host: string, tls?: SetupTls): Promise<string> {
   const file = path.join(dir, `sentinel-${port}.conf`);
   // Sentinel rewrites its config file as it learns: it must be its own, writable.
   await writeFile(
     file,
     [
-      `port ${port}`,
+      ...(tls
+        ? ['port 0', `tls-port ${port}`, `tls-cert-file ${tls.cert}`, `tls-key-file ${tls.key}`, `tls-ca-cert-file ${tls.ca}`, 'tls-auth-clients no', 'tls-replication yes']
+        : [`port ${port}`]),
       `bind ${host}`,
       'protected-mode no',
       'daemonize no',
@@ -54,12 +68,36 @@ async function sentinelConf(dir: string, port: number, masterPort: number, host:
   return file;
 }
 
-export async function startSentinels(host = '127.0.0.1'): Promise<SentinelSetup> {
+export async function startSentinels(host = '127.0.0.1', tls?: SetupTls): Promise<SentinelSetup> {
+  // A short-lived client of one daemon (TLS when the setup has it).
+  const connect = (port: number) => {
+    const r = new Redis({ host, port, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0, ...(tls ? { tls: { ca: readFileSync(tls.ca) } } : {}) });
+    r.on('error', () => undefined);
+    return r;
+  };
+  const ping = async (port: number) => {
+    const r = connect(port);
+    try {
+      await r.connect();
+      return (await r.ping()) === 'PONG';
+    } finally {
+      r.disconnect();
+    }
+  };
+  const info = async (port: number) => {
+    const r = connect(port);
+    try {
+      await r.connect();
+      return await r.info('replication');
+    } finally {
+      r.disconnect();
+    }
+  };
   const dir = await mkdtemp(path.join(os.tmpdir(), 'mailsplice-sentinel-'));
   const [p1, p2, s1, s2, s3] = (await freePorts(host, 5)) as [number, number, number, number, number];
   const daemons = new Map<number, Daemon>();
   const all: Daemon[] = [];
-  const redisArgs = (port: number) => ['--bind', host, '--port', String(port), '--dir', path.join(dir), '--dbfilename', `dump-${port}.rdb`, '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--logfile', '', '--protected-mode', 'no'];
+  const redisArgs = (port: number) => ['--bind', host, ...tlsArgs(tls, port), '--dir', path.join(dir), '--dbfilename', `dump-${port}.rdb`, '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--logfile', '', '--protected-mode', 'no'];
   const stopAll = async () => {
     await Promise.allSettled(all.map((d) => d.stop(2000)));
   };
@@ -68,20 +106,20 @@ export async function startSentinels(host = '127.0.0.1'): Promise<SentinelSetup>
       const d = spawnDaemon('redis-server', [...redisArgs(port), ...extra], dir);
       daemons.set(port, d);
       all.push(d);
-      await waitUntil(async () => (await redisCommand(host, port, 'PING')) === '+PONG', { what: `redis-server on ${port}`, daemon: d });
+      await waitUntil(() => ping(port), { what: `redis-server on ${port}`, daemon: d });
     }
-    await waitUntil(async () => /master_link_status:up/.test(await info(host, p2)), { what: 'replica in sync' });
+    await waitUntil(async () => /master_link_status:up/.test(await info(p2)), { what: 'replica in sync' });
     for (const port of [s1, s2, s3]) {
-      const d = spawnDaemon('redis-sentinel', [await sentinelConf(dir, port, p1, host)], dir);
+      const d = spawnDaemon('redis-sentinel', [await sentinelConf(dir, port, p1, host, tls)], dir);
       all.push(d);
-      await waitUntil(async () => (await redisCommand(host, port, 'PING')) === '+PONG', { what: `redis-sentinel on ${port}`, daemon: d });
+      await waitUntil(() => ping(port), { what: `redis-sentinel on ${port}`, daemon: d });
     }
     // Each sentinel must know the replica and the two other sentinels before a failover can
     // be agreed on (they find each other through the master, every 2 s).
     await waitUntil(
       async () => {
         for (const port of [s1, s2, s3]) {
-          const s = new Redis({ host, port, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
+          const s = connect(port);
           try {
             await s.connect();
             const others = (await s.call('SENTINEL', 'SENTINELS', NAME)) as unknown[];
@@ -102,8 +140,7 @@ export async function startSentinels(host = '127.0.0.1'): Promise<SentinelSetup>
   const sentinels = [s1, s2, s3].map((p) => `${host}:${p}`);
   const askMaster = async (): Promise<number> => {
     for (const port of [s1, s2, s3]) {
-      const s = new Redis({ host, port, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
-      s.on('error', () => undefined);
+      const s = connect(port);
       try {
         await s.connect();
         const addr = (await s.call('SENTINEL', 'GET-MASTER-ADDR-BY-NAME', NAME)) as [string, string];
@@ -134,26 +171,21 @@ export async function startSentinels(host = '127.0.0.1'): Promise<SentinelSetup>
       await waitUntil(
         async () => {
           now = await askMaster();
-          return now !== oldPort && /role:master/.test(await info(host, now));
+          return now !== oldPort && /role:master/.test(await info(now));
         },
         { what: `a new master after ${oldPort}`, timeoutMs },
       );
       return now;
     },
-    client: () => new Redis({ sentinels: sentinels.map((s) => ({ host, port: Number(s.split(':')[1]) })), name: NAME }),
+    client: () =>
+      new Redis({
+        sentinels: sentinels.map((s) => ({ host, port: Number(s.split(':')[1]) })),
+        name: NAME,
+        ...(tls ? { tls: { ca: readFileSync(tls.ca) }, sentinelTLS: { ca: readFileSync(tls.ca) }, enableTLSForSentinelMode: true } : {}),
+      }),
     async stop() {
       await stopAll();
       await rm(dir, { recursive: true, force: true });
     },
   };
-}
-
-async function info(host: string, port: number): Promise<string> {
-  const r = new Redis({ host, port, lazyConnect: true, retryStrategy: () => null, maxRetriesPerRequest: 0 });
-  try {
-    await r.connect();
-    return await r.info('replication');
-  } finally {
-    r.disconnect();
-  }
 }

@@ -76,4 +76,8 @@ chmod 755 "$root"
 for b in imapd pop3d idled sync_client sync_server; do
   [[ -x "$root/usr/lib/cyrus/bin/$b" ]] || { echo "setup-cyrus: $b missing after unpack" >&2; exit 1; }
 done
+# From cyrus-common (apt): the LMTP and ManageSieve (timsieved) services the harness runs.
+for b in master lmtpd timsieved; do
+  [[ -x "/usr/lib/cyrus/bin/$b" ]] || { echo "setup-cyrus: /usr/lib/cyrus/bin/$b missing (cyrus-common)" >&2; exit 1; }
+done
 echo "setup-cyrus: done"

@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { parseConfig } from '../../src/config.js';
 import { createLogger, silentLogger, type Logger } from '../../src/log.js';
 import { startServer, type RunningServer } from '../../src/server.js';
-import { freePort } from '../harness/ports.js';
+import { freePorts } from '../harness/ports.js';
 import { tempDir } from './tmp.js';
 
 export interface TestProxy {
@@ -24,9 +24,11 @@ export async function startProxy(doc: { listeners?: ListenerDoc[] } & Record<str
   const host = '127.0.0.1';
   const listeners = doc.listeners ?? [{ protocol: 'imap' }];
   const ports: Record<string, number> = {};
+  // All at once: ports asked for one by one may come back the same (each is free again once probed).
+  const free = await freePorts(host, listeners.filter((l) => l.port === undefined).length);
   for (const l of listeners) {
     l.address ??= host;
-    l.port ??= await freePort(host);
+    l.port ??= free.shift()!;
     const key = l.tls && l.tls !== 'none' ? `${l.protocol}:${l.tls}` : l.protocol;
     ports[key] ??= l.port as number;
   }

@@ -1,9 +1,9 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from '../net/backend.js';
 import { backendIdCommand } from './hop.js';
 import { capabilitiesIn, encodeAstring } from './imap-syntax.js';
-import { LineReader } from './lines.js';
+import { LineReader } from '../net/lines.js';
 import type { BackendCredentials } from '../auth/identity.js';
 import { encodeTokenMessage, errorAcknowledgement } from '../auth/oauth-payload.js';
 import { encodePlain } from '../auth/sasl.js';

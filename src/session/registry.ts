@@ -61,7 +61,7 @@ export class SessionRegistry implements ChangeListener {
 
   /** Sessions per protocol, for metrics. */
   countByProtocol(): Record<Protocol, number> {
-    const out: Record<Protocol, number> = { imap: 0, pop3: 0, lmtp: 0 };
+    const out: Record<Protocol, number> = { imap: 0, pop3: 0, lmtp: 0, sieve: 0 };
     for (const set of this.byLogin.values()) for (const s of set) out[s.protocol]++;
     return out;
   }
@@ -132,6 +132,11 @@ export class SessionRegistry implements ChangeListener {
     for (const id of this.bySlot.keys()) out.push({ kind: 'slot', id });
     for (const id of this.byLogin.keys()) out.push({ kind: 'user', id });
     return out;
+  }
+
+  /** Visits every session (a scan: for the heartbeat and shutdown, not for the hot path). */
+  forEach(fn: (s: LiveSession) => void): void {
+    for (const set of this.byLogin.values()) for (const s of set) fn(s);
   }
 
   /** Sessions of these protocols (a scan: for shutdown, not for the hot path). */

@@ -3,19 +3,22 @@ import type { BackendTlsConfig, Config, ListenerConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import { LookupFailure, type Protocol, type Route } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
-import { BackendRefused, backendTlsFor, openBackend } from './backend.js';
-import type { ClientGate } from './gate.js';
-import type { OwnListeners } from './own-listeners.js';
+import { BackendRefused, backendTlsFor, openBackend, sendsProxyHeader } from '../net/backend.js';
+import { encodeProxyV2 } from '../net/proxy-protocol.js';
+import type { ClientGate } from '../net/gate.js';
+import type { OwnListeners } from '../net/own-listeners.js';
 import type { FailureDelay, LoginThrottle, Reservation } from './throttle.js';
 import type { SessionRegistry } from './registry.js';
 import { SplicedSession } from './splice.js';
 import type { SlotLogins } from './slot-logins.js';
 import type { Expiring, Sweep } from './sweep.js';
-import type { ListenerTls } from './tls.js';
-import { LineReader } from './lines.js';
+import type { ListenerTls } from '../net/tls.js';
+import { LineReader } from '../net/lines.js';
+import { clientFields, tlsFacts, type ClientInfo } from '../net/client-info.js';
+import type { ProxyHeaderResult } from '../net/accept.js';
 import { CheckerUnavailable, type PasswordChecker } from '../auth/checker.js';
 import { mailboxOwner, type Credentials, type TokenCredentials } from '../auth/credentials.js';
-import { offeredMechanisms, type Mechanism } from '../auth/mechanisms.js';
+import { offeredMechanisms, type Mechanism, type SaslWire } from '../auth/mechanisms.js';
 import { refusalJson } from '../auth/oauth-payload.js';
 import { adminCredentials, backendCredentials, backendToken, identityFor, type BackendCredentials } from '../auth/identity.js';
 import type { TokenChecker } from '../auth/oauth-check.js';
@@ -39,7 +42,12 @@ export interface ProxyContext {
   limits: Config['limits'];
   backend: Config['backend'];
   log: Logger;
-  counters: { logins: Record<Protocol, Record<LoginResult, number>>; rejectedConnections: number };
+  counters: {
+    logins: Record<Protocol, Record<LoginResult, number>>;
+    rejectedConnections: number;
+    /** PROXY headers awaited by the accept pipeline, by what became of them. */
+    proxyHeaders: Record<ProxyHeaderResult, number>;
+  };
   /** This process's listening sockets: a route to one of them is a loop. */
   ownListeners: OwnListeners;
   /** Set when the proxy checks passwords itself (auth.ldap); absent, the backend does. */
@@ -52,8 +60,17 @@ export interface ProxyContext {
   defaultDomain?: string;
   /** The bound on backend logins in progress per slot (a login storm after a failover). */
   slotLogins: SlotLogins;
-  /** Per-login, per-session-end and per-event metrics (src/proxy/meters.ts). */
+  /** Per-login, per-session-end and per-event metrics (src/session/meters.ts). */
   meters: Meters;
+  /** LMTP backend transactions from their start to their last reply (what a fence waits for). */
+  lmtpTransactions: Set<LmtpTransaction>;
+}
+
+/** One LMTP backend transaction (a delivery's leg to one slot), as fencing counts it. */
+export interface LmtpTransaction {
+  readonly slot: string;
+  /** The stores of its recipients. */
+  readonly stores: readonly string[];
 }
 
 /** A protocol's backend login dialogue, given what to log in with on that backend. */
@@ -105,6 +122,7 @@ export const INVALID_TOKEN: TokenRefusal = Object.freeze({ status: 'invalid_toke
 const SHUTDOWN_WORDS: Record<string, string> = {
   imap: '* BYE [UNAVAILABLE] Server shutting down, try again later\r\n',
   pop3: '-ERR [SYS/TEMP] Server shutting down, try again later\r\n',
+  sieve: 'BYE (TRYLATER) "Server shutting down, try again later"\r\n',
 };
 
 /**
@@ -134,14 +152,23 @@ export abstract class PreauthConnection implements Expiring {
   constructor(
     readonly rt: ListenerRuntime,
     public socket: Socket,
-    readonly clientIp: string,
-    readonly clientPort: number,
+    /** Who this is, as the accept pipeline found it (a PROXY header's address, TLS facts). */
+    readonly client: ClientInfo,
   ) {
     const { limits } = rt.ctx;
     this.loginDeadline = this.deadline = Date.now() + limits.login_timeout_ms;
     this.secure = rt.cfg.tls === 'implicit';
     this.reader = new LineReader(socket, limits.line_length);
     rt.ctx.sweep.add(this);
+  }
+
+  /** The client's address: what limits, the throttle, logs and backends get. */
+  get clientIp(): string {
+    return this.client.address;
+  }
+
+  get clientPort(): number {
+    return this.client.port;
   }
 
   /** Too slow: in the backend phase only the backend attempt is abandoned. */
@@ -182,11 +209,6 @@ export abstract class PreauthConnection implements Expiring {
     return (this.id ??= newSessionId());
   }
 
-  /** The listener's name for the log: its configured name, or its protocol. */
-  get listenerName(): string {
-    return this.rt.cfg.name ?? this.rt.cfg.protocol;
-  }
-
   /** Plaintext credentials may be sent now (TLS is up, or the listener allows cleartext). */
   get credentialsAllowed(): boolean {
     return this.secure || this.rt.plaintextAllowed;
@@ -213,10 +235,16 @@ export abstract class PreauthConnection implements Expiring {
    * carrying the JSON status; the client's answer (%x01, an empty line, anything) is read
    * and dropped; then the caller sends the protocol's failure.
    */
-  async tokenErrorExchange(creds: TokenCredentials, refusal: TokenRefusal): Promise<void> {
-    this.write(`+ ${Buffer.from(refusalJson(creds.mechanism, refusal), 'utf8').toString('base64')}\r\n`);
-    await this.reader.line();
+  async tokenErrorExchange(creds: TokenCredentials, refusal: TokenRefusal, wire: SaslWire = this.saslWire): Promise<void> {
+    wire.challenge(Buffer.from(refusalJson(creds.mechanism, refusal), 'utf8').toString('base64'));
+    await wire.response();
   }
+
+  /** IMAP and POP3 alike: `+ <base64>` and a response line. */
+  readonly saslWire: SaslWire = {
+    challenge: (b64) => this.write(`+ ${b64}\r\n`),
+    response: () => this.reader.line(),
+  };
 
   get canStartTls(): boolean {
     return this.rt.cfg.tls === 'starttls' && !this.secure;
@@ -232,7 +260,9 @@ export abstract class PreauthConnection implements Expiring {
     this.reader.detach();
     this.handshaking = true;
     try {
-      this.socket = await this.rt.tls!.accept(this.socket);
+      const secure = await this.rt.tls!.accept(this.socket);
+      this.socket = secure;
+      this.client.tls = tlsFacts(secure);
     } catch (e) {
       this.ctx.log.debug('tls handshake failed', { listener: this.rt.cfg.name ?? this.rt.cfg.protocol, ip: this.clientIp, error: (e as Error).message });
       throw e;
@@ -438,7 +468,8 @@ export abstract class PreauthConnection implements Expiring {
     const t1 = Date.now();
     try {
       const tls = backendTlsFor(this.ctx.backend, route.slot, protocol);
-      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true });
+      const preamble = (protocol === 'imap' || protocol === 'pop3') && sendsProxyHeader(this.ctx.backend, route.slot, protocol) ? this.proxyHeader() : undefined;
+      const sock = await openBackend(route.host, port, { connectTimeoutMs: this.ctx.backend.connect_timeout_ms, tls, landing: true, ...(preamble ? { preamble } : {}) });
       const t2 = Date.now();
       this.connectMs = t2 - t1;
       meters.backendConnectSeconds.observe({ slot: route.slot }, this.connectMs / 1000);
@@ -520,7 +551,7 @@ export abstract class PreauthConnection implements Expiring {
     }
     this.ctx.counters.logins[protocol].ok++;
     const now = Date.now();
-    const info: SessionInfo = { id: this.sessionId, started: now, ip: this.clientIp, port: this.clientPort, listener: this.listenerName, tls: tlsVersion(this.socket) };
+    const info: SessionInfo = { id: this.sessionId, started: now, ip: this.clientIp, port: this.clientPort, listener: this.client.listener, tls: this.client.tls?.version ?? 'none' };
     const session = new SplicedSession(protocol, route, this.socket, backend, info, this.ctx, farewell, refuseCompress);
     this.socket.write(toClient);
     this.ctx.meters.loginSeconds.observe({ protocol, slot: route.slot }, (now - this.loginStarted) / 1000);
@@ -529,9 +560,8 @@ export abstract class PreauthConnection implements Expiring {
       protocol,
       login: route.login,
       backend_login: route.backendLogin,
-      ip: info.ip,
-      port: info.port,
-      listener: info.listener,
+      // The client as accept found it (with sni, and via: the load balancer of a PROXY header); tls `none` when cleartext.
+      ...clientFields(this.client),
       tls: info.tls,
       store: route.store,
       slot: route.slot,
@@ -548,6 +578,12 @@ export abstract class PreauthConnection implements Expiring {
     return true;
   }
 
+  /** The PROXY v2 header for a backend: the client, and the address it connected to. */
+  private proxyHeader(): Buffer {
+    const c = this.client;
+    return encodeProxyV2(c.transport === 'tcp' ? { address: c.address, port: c.port } : undefined, { address: c.localAddress, port: c.localPort });
+  }
+
   /** Records a failed login for metrics and the log (refused attempts: the throttle logs them, summed). */
   noteFailure(protocol: Protocol, e: LoginFailed, login: string): void {
     const result = e.result === 'in-use' ? 'unavailable' : e.result;
@@ -556,12 +592,6 @@ export abstract class PreauthConnection implements Expiring {
     const level = result === 'unavailable' ? 'warn' : 'info';
     this.ctx.log[level]('login failed', { protocol, login, ip: this.clientIp, result: e.result, why: e.message, session: this.sessionId });
   }
-}
-
-/** The negotiated TLS version of a client connection, or `none`. */
-function tlsVersion(s: Socket): string {
-  const tls = s as Socket & { getProtocol?: () => string | null };
-  return (typeof tls.getProtocol === 'function' ? tls.getProtocol() : null) ?? 'none';
 }
 
 /** A backend failure's reason label (bounded). */

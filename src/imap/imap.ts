@@ -1,4 +1,6 @@
 import type { Socket } from 'node:net';
+import type { ClientInfo } from '../net/client-info.js';
+import type { FrontEnd } from '../net/accept.js';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
 import { runSasl } from '../auth/mechanisms.js';
 import { imapBackendLogin } from './imap-backend.js';
@@ -6,8 +8,8 @@ import { shownAtLogin } from './imap-commands.js';
 import { hopIn } from './hop.js';
 import { readImapCommand, type CommandSource, type ImapCommand } from './imap-command.js';
 import { astring, type Token } from './imap-syntax.js';
-import { LineTooLong } from './lines.js';
-import { INVALID_TOKEN, LoginFailed, PreauthConnection, type ListenerRuntime } from './core.js';
+import { LineTooLong } from '../net/lines.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type ListenerRuntime } from '../session/core.js';
 
 // The IMAP pre-auth dialogue (RFC 9051 / 3501): greeting, CAPABILITY, NOOP, LOGOUT, ID,
 // STARTTLS, LOGIN, AUTHENTICATE (the mechanisms of src/auth/mechanisms.ts). Everything else before login is BAD. After a
@@ -23,8 +25,8 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
   /** The hop mark of another mailsplice, if this connection's ID carried one (see hop.ts). */
   private hop: string | undefined;
 
-  constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
-    super(rt, socket, ip, port);
+  constructor(rt: ListenerRuntime, socket: Socket, client: ClientInfo) {
+    super(rt, socket, client);
   }
 
   private capabilities(): string {
@@ -228,4 +230,12 @@ export class ImapPreauth extends PreauthConnection implements CommandSource {
 
 function imapFarewell(reason: string): string {
   return `* BYE [UNAVAILABLE] ${reason.replace(/[\r\n]/g, ' ')}\r\n`;
+}
+
+/** IMAP on the accept pipeline (src/net/accept.ts). */
+export function imapFrontEnd(rt: ListenerRuntime): FrontEnd {
+  return {
+    refused: () => '* BYE [UNAVAILABLE] Too many connections, try again later\r\n',
+    start: (socket, client) => void new ImapPreauth(rt, socket, client).run(),
+  };
 }

@@ -1,9 +1,9 @@
 import type { Socket } from 'node:net';
 import type { Protocol, Route } from '../lookup/model.js';
 import type { Logger } from '../log.js';
-import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from './imap-commands.js';
-import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from './imap-framing.js';
-import { outgoing, outgoingWritten, readsLanding, setReadSink, type ReadSink } from './read-buffer.js';
+import { ClientCommands, trackCommands, Verdict, Wait, watchAnswers } from '../imap/imap-commands.js';
+import { atResponseBoundary, initialFraming, Mark, trackFraming, type FramingState } from '../imap/imap-framing.js';
+import { outgoing, outgoingWritten, readsLanding, setReadSink, type ReadSink } from '../net/read-buffer.js';
 import type { Meters } from './meters.js';
 import type { LiveSession, SessionRegistry } from './registry.js';
 import type { EndCause, SessionInfo } from './session-info.js';

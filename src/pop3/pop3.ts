@@ -1,8 +1,10 @@
 import type { Socket } from 'node:net';
+import type { ClientInfo } from '../net/client-info.js';
+import type { FrontEnd } from '../net/accept.js';
 import { mailboxOwner, passwordCredentials, type Credentials } from '../auth/credentials.js';
 import { runSasl } from '../auth/mechanisms.js';
-import { INVALID_TOKEN, LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from './core.js';
-import { LineTooLong } from './lines.js';
+import { INVALID_TOKEN, LoginFailed, PreauthConnection, type BackendDialogue, type ListenerRuntime } from '../session/core.js';
+import { LineTooLong } from '../net/lines.js';
 import { pop3BackendLogin, Pop3Refused, type Pop3BackendLogin } from './pop3-backend.js';
 
 // The POP3 pre-auth dialogue (RFC 1939, 2449, 2595, 5034, 3206): greeting, CAPA, USER/PASS,
@@ -29,8 +31,8 @@ export class Pop3Preauth extends PreauthConnection {
   /** The name from USER, waiting for PASS (RFC 1939: USER then PASS, nothing between). */
   private user: string | undefined;
 
-  constructor(rt: ListenerRuntime, socket: Socket, ip: string, port: number) {
-    super(rt, socket, ip, port);
+  constructor(rt: ListenerRuntime, socket: Socket, client: ClientInfo) {
+    super(rt, socket, client);
   }
 
   /**
@@ -244,3 +246,10 @@ export class Pop3Preauth extends PreauthConnection {
   }
 }
 
+/** POP3 on the accept pipeline (src/net/accept.ts). */
+export function pop3FrontEnd(rt: ListenerRuntime): FrontEnd {
+  return {
+    refused: () => '-ERR [SYS/TEMP] Too many connections, try again later\r\n',
+    start: (socket, client) => void new Pop3Preauth(rt, socket, client).run(),
+  };
+}

@@ -131,11 +131,15 @@ function tlsOptions(host: string, cfg: BackendTlsConfig): ConnectionOptions {
   };
 }
 
-/** Opens a TCP (or implicit-TLS) connection to a backend, failing as `unavailable` in bounded time. */
-export function openBackend(host: string, port: number, opts: BackendOptions): Promise<Socket> {
+/**
+ * Opens a TCP (or implicit-TLS) connection to a backend, failing as `unavailable` in bounded
+ * time. A `preamble` (a PROXY header) is written first, in clear, before any TLS.
+ */
+export function openBackend(host: string, port: number, opts: BackendOptions & { preamble?: Buffer }): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const implicit = opts.tls.mode === 'implicit';
-    const sock: Socket = implicit
+    const tlsAtOnce = implicit && !opts.preamble;
+    let sock: Socket = tlsAtOnce
       ? tlsConnect({ host, port, ...tlsOptions(host, opts.tls) })
       : opts.landing && opts.tls.mode === 'none'
         ? netConnect({ host, port, allowHalfOpen: true, noDelay: true, onread: landingReads })
@@ -150,14 +154,41 @@ export function openBackend(host: string, port: number, opts: BackendOptions): P
       sock.destroy();
       reject(new BackendRefused('unavailable', `backend ${host}:${port}: ${tlsHint(e)}`));
     };
-    sock.once('error', fail);
-    sock.once(implicit ? 'secureConnect' : 'connect', () => {
+    const done = () => {
       clearTimeout(timer);
       sock.off('error', fail);
       sock.setNoDelay(true);
       resolve(sock);
+    };
+    sock.once('error', fail);
+    sock.once(tlsAtOnce ? 'secureConnect' : 'connect', () => {
+      if (opts.preamble) sock.write(opts.preamble);
+      if (!implicit || tlsAtOnce) return done();
+      // The header went in clear; the handshake follows on the same connection.
+      sock.off('error', fail);
+      const raw = sock;
+      sock = tlsConnect({ socket: raw, ...tlsOptions(host, opts.tls) });
+      raw.once('error', fail);
+      sock.once('error', fail);
+      sock.once('secureConnect', () => {
+        raw.off('error', fail);
+        done();
+      });
     });
   });
+}
+
+/**
+ * Whether the slot's backends take a PROXY v2 header on `protocol` (the first
+ * `backend.proxy_protocol_groups` entry whose globs match the slot).
+ */
+export function sendsProxyHeader(backend: Config['backend'], slot: string, protocol: 'imap' | 'pop3'): boolean {
+  const group = backend.proxy_protocol_groups.find((g) => {
+    let patterns = globCache.get(g);
+    if (!patterns) globCache.set(g, (patterns = g.slots.map(globToRegExp)));
+    return patterns.some((re) => re.test(slot));
+  });
+  return group !== undefined && group.protocols.includes(protocol);
 }
 
 /** Upgrades a backend connection after the protocol's STARTTLS/STLS was accepted. */

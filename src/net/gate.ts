@@ -45,6 +45,21 @@ export class ClientGate {
   }
 }
 
+/** Connections per client address for a listener with a limit of its own (LMTP's connections_per_ip). */
+export class ConnectionsPerAddress {
+  private readonly connections = new Map<string, number>();
+
+  constructor(private readonly max: number) {}
+
+  admit(ip: string): boolean {
+    return increment(this.connections, ip, this.max);
+  }
+
+  release(ip: string): void {
+    decrement(this.connections, ip);
+  }
+}
+
 function increment(m: Map<string, number>, ip: string, max: number): boolean {
   const n = m.get(ip) ?? 0;
   if (n >= max) return false;

@@ -1,11 +1,11 @@
 import type { Socket } from 'node:net';
 import type { BackendTlsConfig } from '../config.js';
-import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from './backend.js';
+import { asBackendRefused, BackendLines, BackendRefused, MAX_BACKEND_LINE, printable, startBackendTls } from '../net/backend.js';
 import type { PasswordCredentials } from '../auth/credentials.js';
 import type { BackendCredentials } from '../auth/identity.js';
 import { encodeTokenMessage, errorAcknowledgement } from '../auth/oauth-payload.js';
 import { encodePlain } from '../auth/sasl.js';
-import { LineReader } from './lines.js';
+import { LineReader } from '../net/lines.js';
 
 // The backend half of a POP3 login (RFC 1939, 2449, 2595, 5034): greeting, CAPA, optional
 // STLS, then AUTH PLAIN or USER/PASS with the client's own credentials. The backend checks

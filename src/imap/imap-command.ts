@@ -1,5 +1,5 @@
 import { ImapSyntaxError, literalAtEnd, replyTag, tokenize, validTag, type Token } from './imap-syntax.js';
-import type { LineReader } from './lines.js';
+import type { LineReader } from '../net/lines.js';
 
 // Reading one pre-auth IMAP command with its literals, apart from the dialogue so that it
 // can be driven by random input in the property tests. Every answer it produces echoes a
