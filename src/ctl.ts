@@ -105,7 +105,7 @@ export async function runCtl(argv: string[], io: CtlIo = processIo): Promise<num
     );
     try {
       await command.run(
-        { admin: target.admin, ...(target.fleet ? { fleet: target.fleet } : {}), ...(target.adminTokenFile ? { adminTokenFile: target.adminTokenFile } : {}), defaultDomain: target.defaultDomain, json: v.json === true, out, note: (t) => io.stderr(`${t}\n`) },
+        { admin: target.admin, ...(target.fleet ? { fleet: target.fleet, fence: target.fleet } : {}), ...(target.adminTokenFile ? { adminTokenFile: target.adminTokenFile } : {}), defaultDomain: target.defaultDomain, json: v.json === true, out, note: (t) => io.stderr(`${t}\n`) },
         args,
         v,
       );

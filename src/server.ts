@@ -263,7 +263,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     }
   };
   let listening = false;
-  asks.onAsk('state', () => localState(registry, router));
+  asks.onAsk('state', () => localState(registry, router, ctx.lmtpTransactions));
   answerFleetQuestions(asks, { registry, router, source, listening: () => listening });
   try {
     for (const l of cfg.listeners) await startListener(l, cfg);

@@ -14,6 +14,12 @@ describe('mergeFencing', () => {
     });
     expect(mergeFencing([])).toEqual({ epochs: {}, held: {} });
   });
+
+  it('stays partial when any part is (a worker that did not answer)', () => {
+    const a: FencingState = { epochs: { s1: 8 }, held: {} };
+    expect(mergeFencing([a, { epochs: { s1: 8 }, held: {}, partial: true }]).partial).toBe(true);
+    expect(mergeFencing([a, a]).partial).toBeUndefined();
+  });
 });
 
 describe('fenceCheck', () => {
@@ -45,6 +51,11 @@ describe('fenceCheck', () => {
       { id: 'lmtp', epoch: 8, sessions: 0, lmtp: 1 },
       { id: 'v1', epoch: undefined, sessions: 0, lmtp: 0 },
     ]);
+  });
+
+  it('never counts a partial record clear, however clean it looks', () => {
+    const r = fenceCheck([{ id: 'p', fencing: { epochs: { s1: 8 }, held: {}, partial: true } }], 's1', 'slotA', 8);
+    expect(r).toEqual({ done: false, clear: [], lagging: [{ id: 'p', epoch: 8, sessions: 0, lmtp: 0 }] });
   });
 
   it('counts only the master: sessions of the store on another slot do not hold it up', () => {

@@ -7,7 +7,7 @@ import { extraFields, fieldsOf, parseAs, toDoc, type Hash, type HashWrite, type 
 import { normalizeLogin, PROTOCOLS, type Protocol } from '../lookup/model.js';
 import type { ObjectKind } from '../lookup/source.js';
 import { fenceError, notFound, usageError } from './errors.js';
-import { DEFAULT_WAIT_S, describeFence, waitForFence, waitSeconds, type FenceSource, type FenceWait } from './fence.js';
+import { DEFAULT_WAIT_S, describeFence, lagReason, waitForFence, waitSeconds, type FenceSource, type FenceWait } from './fence.js';
 import { deleteObject, failover, moveUser, setLock } from './ops.js';
 import { DEFAULT_PORTS, checkId, setSlot, setStore, setUser } from './setters.js';
 import { dumpAll, formatDat, formatRoutes, importDat, importRoutes, type ImportResult } from './transfer.js';
@@ -248,12 +248,13 @@ ${TARGET_OPTS_HELP}`,
       if (seconds !== undefined && kind !== 'store') throw usageError('--wait goes with lock store');
       if (seconds !== undefined && !ctx.fence) throw usageError(`--wait needs the Redis lookup: the proxies' heartbeat records live in Redis (${ctx.admin.where} has none)`);
       const r = await setLock(ctx.admin, kind, objectId(ctx, kind, args[1]!), lock);
-      const fence = seconds === undefined ? undefined : await waitForFence(ctx.fence!, { store: r.id, master: r.master ?? '', epoch: r.epoch ?? 0 }, seconds * 1000);
+      const target = { store: r.id, master: r.master ?? '', epoch: r.epoch ?? 0 };
+      const fence = seconds === undefined ? undefined : await waitForFence(ctx.fence!, target, seconds * 1000, (lagging) => ctx.note(`waiting for ${lagging.map((l) => lagReason(l, target)).join('; ')}`));
+      if (fence) for (const line of describeFence(fence)) ctx.note(line);
       if (ctx.json) ctx.out(JSON.stringify(fence ? { ...r, fence } : r));
       else {
         const epoch = r.epoch !== undefined ? ` (epoch ${r.epoch})` : '';
         ctx.out(r.changed ? `${lock ? 'locked' : 'unlocked'} ${kind} ${r.id}${epoch}` : `${kind} ${r.id} was already ${r.status === 'locked' ? 'locked' : 'unlocked'}${epoch}`);
-        if (fence) ctx.out(describeFence(fence).join('\n'));
       }
       if (fence && !fence.done) throw fenceError(`store ${r.id} is locked, but the fence is not complete: ${[...fence.lagging.map((l) => l.id), ...fence.stopped.map((x) => `${x.id} (heartbeat stopped)`)].join(', ')}`);
     },
@@ -328,7 +329,8 @@ ${TARGET_OPTS_HELP}`,
         ? undefined
         : async (locked: { from: string; epoch: number }) => {
             if (seconds !== undefined) {
-              fence = await waitForFence(ctx.fence!, { store, master: locked.from, epoch: locked.epoch }, seconds * 1000);
+              const target = { store, master: locked.from, epoch: locked.epoch };
+              fence = await waitForFence(ctx.fence!, target, seconds * 1000, (lagging) => ctx.note(`waiting for ${lagging.map((l) => lagReason(l, target)).join('; ')}`));
               for (const line of describeFence(fence)) ctx.note(line);
               if (!fence.done) {
                 throw fenceError(`the fence is not complete: ${[...fence.lagging.map((l) => l.id), ...fence.stopped.map((x) => `${x.id} (heartbeat stopped)`)].join(', ')}`);

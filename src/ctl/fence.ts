@@ -31,18 +31,34 @@ export async function waitForFence(
   source: FenceSource,
   target: { store: string; master: string; epoch: number },
   timeoutMs: number,
+  /** Told what is waited for, each time that changes (progress for the operator). */
+  onWait: (lagging: FenceReport[]) => void = () => undefined,
   pollMs = 200,
 ): Promise<FenceWait> {
   const t0 = Date.now();
+  let said = '';
   for (;;) {
     const [records, stopped] = await Promise.all([source.proxies(), source.stopped()]);
     const r = fenceCheck(records, target.store, target.master, target.epoch);
+    const now = JSON.stringify(r.lagging);
+    if (r.lagging.length > 0 && now !== said) onWait(r.lagging);
+    said = now;
     const waitedMs = Date.now() - t0;
     if (r.done || waitedMs >= timeoutMs) {
       return { ...target, done: r.done && stopped.length === 0, waitedMs, clear: r.clear, lagging: r.lagging, stopped };
     }
     await sleep(Math.min(pollMs, Math.max(0, timeoutMs - waitedMs)));
   }
+}
+
+/** Why one proxy is not clear yet, in words. */
+export function lagReason(l: FenceReport, w: { epoch: number; master: string }): string {
+  const why = [
+    l.epoch === undefined ? 'has not applied the lock' : l.epoch < w.epoch ? `at epoch ${l.epoch} < ${w.epoch}` : '',
+    l.sessions > 0 ? `${l.sessions} session(s) on ${w.master}` : '',
+    l.lmtp > 0 ? `${l.lmtp} LMTP transaction(s) on ${w.master}` : '',
+  ].filter(Boolean);
+  return `${l.id}: ${why.join(', ') || 'no fencing data (an older mailsplice, or a worker that did not answer)'}`;
 }
 
 /** Lines for an operator: who lagged and why, who stopped beating. */
@@ -52,14 +68,7 @@ export function describeFence(w: FenceWait): string[] {
       ? `fence: every live proxy (${w.clear.length}) applied epoch ${w.epoch} of ${w.store} and holds nothing on ${w.master} (waited ${w.waitedMs} ms)`
       : `fence NOT complete after ${w.waitedMs} ms: ${w.master} (old master of ${w.store}) may still be in use`,
   ];
-  for (const l of w.lagging) {
-    const why = [
-      l.epoch === undefined ? 'has not applied the lock' : l.epoch < w.epoch ? `at epoch ${l.epoch} < ${w.epoch}` : '',
-      l.sessions > 0 ? `${l.sessions} session(s) on ${w.master}` : '',
-      l.lmtp > 0 ? `${l.lmtp} LMTP transaction(s) on ${w.master}` : '',
-    ].filter(Boolean);
-    lines.push(`  lagging: ${l.id}: ${why.join(', ') || 'no fencing data (an older mailsplice?)'}`);
-  }
+  for (const l of w.lagging) lines.push(`  lagging: ${lagReason(l, w)}`);
   for (const s of w.stopped) lines.push(`  heartbeat stopped: ${s.id} (last beat ${Math.round(s.agoMs / 1000)} s ago; dead, or frozen with sessions: check it)`);
   return lines;
 }

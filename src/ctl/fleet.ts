@@ -11,6 +11,8 @@ import { checkId } from './setters.js';
 /** What ctl reads about the running proxies: only a Redis lookup has heartbeat records. */
 export interface Fleet {
   proxies(): Promise<HeartbeatRecord[]>;
+  /** Proxies still in the index whose record expired: their heartbeat stopped `agoMs` ago (fencing reports them). */
+  stopped(): Promise<{ id: string; agoMs: number }[]>;
 }
 
 export function fleetOf(ctx: Ctx, command: string): Fleet {

@@ -160,6 +160,15 @@ export class RedisHashStore implements HashStore, Fleet {
     return readHeartbeats(this.redis, this.keys);
   }
 
+  async stopped(): Promise<{ id: string; agoMs: number }[]> {
+    const flat = await this.redis.zrange(this.keys.proxies, '0', '-1', 'WITHSCORES');
+    if (flat.length === 0) return [];
+    const ids = flat.filter((_, i) => i % 2 === 0);
+    const exists = await this.redis.mget(ids.map((id) => this.keys.proxy(id)));
+    const now = Date.now();
+    return ids.flatMap((id, i) => (exists[i] === null ? [{ id, agoMs: now - Number(flat[2 * i + 1]) }] : []));
+  }
+
   async close(): Promise<void> {
     await this.redis.quit().catch(() => this.redis.disconnect());
   }

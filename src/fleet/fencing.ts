@@ -20,6 +20,8 @@ export interface FencingState {
   epochs: Record<string, number>;
   /** Sessions and LMTP transactions per store, then per slot. Only non-zero entries. */
   held: Record<string, Record<string, Held>>;
+  /** Set when a worker did not answer: what it holds is unknown, so this proxy cannot be counted clear. */
+  partial?: boolean;
 }
 
 /**
@@ -45,6 +47,7 @@ export function localFencing(registry: SessionRegistry, router: Router, lmtp: It
 export function mergeFencing(parts: readonly FencingState[]): FencingState {
   const out: FencingState = { epochs: {}, held: {} };
   for (const p of parts) {
+    if (p.partial) out.partial = true;
     for (const [store, e] of Object.entries(p.epochs)) out.epochs[store] = Math.min(out.epochs[store] ?? e, e);
     for (const [store, slots] of Object.entries(p.held)) {
       const into = (out.held[store] ??= {});
@@ -96,7 +99,7 @@ export function fenceCheck(records: readonly FencedRecord[], store: string, mast
     const applied = r.fencing?.epochs[store];
     const h = r.fencing?.held[store]?.[master] ?? { sessions: 0, lmtp: 0 };
     const report: FenceReport = { id: r.id, epoch: applied, sessions: h.sessions, lmtp: h.lmtp };
-    if (r.fencing && applied !== undefined && applied >= epoch && h.sessions === 0 && h.lmtp === 0) clear.push(r.id);
+    if (r.fencing && !r.fencing.partial && applied !== undefined && applied >= epoch && h.sessions === 0 && h.lmtp === 0) clear.push(r.id);
     else lagging.push(report);
   }
   return { done: lagging.length === 0, clear, lagging };

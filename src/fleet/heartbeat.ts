@@ -113,7 +113,10 @@ export function startHeartbeat(cfg: Config, asker: Asker, log: Logger, workers: 
     state: async () => {
       const answers = await asker.askWorkers('state', null);
       const merged = mergeStates(answers.flatMap((a) => (a.ok ? [a.value] : [])));
-      if (answers.some((a) => !a.ok)) merged.events.live = false;
+      if (answers.some((a) => !a.ok)) {
+        merged.events.live = false;
+        merged.fencing.partial = true; // a worker's sessions are unknown: no fence may count on this record
+      }
       return merged;
     },
     log,

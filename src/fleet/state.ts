@@ -6,7 +6,9 @@
 
 import type { Protocol } from '../lookup/model.js';
 import type { Router } from '../lookup/router.js';
+import type { LmtpTransaction } from '../session/core.js';
 import type { SessionRegistry } from '../session/registry.js';
+import { localFencing, mergeFencing, type FencingState } from './fencing.js';
 
 /** The last route event a process applied. `at`: ms since the epoch. */
 export interface AppliedEvent {
@@ -28,6 +30,8 @@ export interface ProcessState {
     applied: number;
     last: AppliedEvent | null;
   };
+  /** For fencing a failover (src/fleet/fencing.ts): epochs applied per store, what is held per store and slot. */
+  fencing: FencingState;
 }
 
 declare module '../cluster/ask.js' {
@@ -37,12 +41,16 @@ declare module '../cluster/ask.js' {
   }
 }
 
-/** This process's part (a worker's answer). Reads counters and index sizes, never sessions one by one. */
-export function localState(registry: SessionRegistry, router: Router): ProcessState {
+/**
+ * This process's part (a worker's answer). Reads counters and index sizes; the fencing part
+ * is one pass over the sessions (once per heartbeat, not per login).
+ */
+export function localState(registry: SessionRegistry, router: Router, lmtp: Iterable<LmtpTransaction>): ProcessState {
   const stats = router.stats;
   return {
     sessions: { total: registry.size, by_protocol: registry.countByProtocol(), by_slot: registry.countBy('slot') },
     events: { live: stats.live, applied: stats.events, last: stats.lastEvent ?? null },
+    fencing: localFencing(registry, router, lmtp),
   };
 }
 
@@ -55,6 +63,7 @@ export function mergeStates(parts: readonly ProcessState[]): ProcessState {
   const out: ProcessState = {
     sessions: { total: 0, by_protocol: { imap: 0, pop3: 0, lmtp: 0, sieve: 0 }, by_slot: {} },
     events: { live: parts.length > 0, applied: 0, last: null },
+    fencing: mergeFencing(parts.map((p) => p.fencing)),
   };
   for (const p of parts) {
     out.sessions.total += p.sessions.total;
