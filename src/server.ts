@@ -1,8 +1,9 @@
+import cluster from 'node:cluster';
 import type { Server as HttpServer } from 'node:http';
 import type { Heartbeat } from './fleet/heartbeat.js';
 import { LocalAsks, type Answerer, type Asker } from './cluster/ask.js';
 import { answerAdminQuestions, startInstanceSide, type InstanceSide } from './cluster/instance.js';
-import { plaintextAllowed, type Config, type ListenerConfig } from './config.js';
+import { plaintextAllowed, workerCount, type Config, type ListenerConfig } from './config.js';
 import { listenerKey, listenerSettings, nextInForce, restartOnlyChanges } from './reload.js';
 import { loadIdentities } from './auth/identity.js';
 import { LdapPasswordChecker } from './auth/ldap.js';
@@ -88,8 +89,19 @@ function lookupErrors(cfg: Config, log: Logger): { onError(e: Error): void; onLi
   return { onError: (e) => outage.error(e), onLive: (live) => live && outage.ok(), outage };
 }
 
-export function slotLoginLimits(cfg: Config): SlotLoginLimits {
-  return { concurrent: cfg.backend.logins_per_slot, queue: cfg.backend.login_queue_per_slot, queueTimeoutMs: cfg.backend.login_queue_timeout_ms };
+/** How many processes share the instance's per-slot bounds: the workers, or this one alone. */
+function processesSharingSlots(cfg: Config): number {
+  return cluster.isWorker ? workerCount(cfg.workers) : 1;
+}
+
+/**
+ * The per-slot login bound is the instance's: with N workers each takes a share (rounded up,
+ * so a bound below N still lets every worker log in), else N workers would let N times the
+ * bound at a slot in the minute after a failover, which is what the bound is there to stop.
+ */
+export function slotLoginLimits(cfg: Config, workers: number): SlotLoginLimits {
+  const share = (n: number) => Math.ceil(n / workers);
+  return { concurrent: share(cfg.backend.logins_per_slot), queue: share(cfg.backend.login_queue_per_slot), queueTimeoutMs: cfg.backend.login_queue_timeout_ms };
 }
 
 /** One line per applied route event (the failover, lock or kick an operator looks for), and its metrics. */
@@ -190,7 +202,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
     log,
     counters: { logins: { imap: zeroResults(), pop3: zeroResults(), lmtp: zeroResults(), sieve: zeroResults() }, rejectedConnections: 0, proxyHeaders: { proxied: 0, local: 0, untrusted: 0, invalid: 0, timeout: 0 } },
     ownListeners: new OwnListeners(),
-    slotLogins: new SlotLogins(slotLoginLimits(cfg), sweep),
+    slotLogins: new SlotLogins(slotLoginLimits(cfg, processesSharingSlots(cfg)), sweep),
     meters,
     lmtpTransactions: new Set(),
     ...(passwords ? { passwords } : {}),
@@ -292,7 +304,7 @@ export async function startServer(startCfg: Config, log: Logger = createLogger(s
       ctx.failureDelay.setDelay(cfg.limits.auth_failure_delay_ms);
       loadIdentities(cfg.backend);
       ctx.backend = cfg.backend;
-      ctx.slotLogins.setLimits(slotLoginLimits(cfg));
+      ctx.slotLogins.setLimits(slotLoginLimits(cfg, processesSharingSlots(cfg)));
       // Listeners: gone or changed ones stop accepting (their sessions stay), new ones start.
       const wanted = new Map(cfg.listeners.map((l) => [listenerKey(l), l]));
       for (const [key, r] of [...running]) {

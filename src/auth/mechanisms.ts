@@ -27,25 +27,35 @@ export interface Mechanism {
 
 const EMPTY = Buffer.alloc(0);
 
-/** RFC 4616. No initial response: an empty challenge, then the message. */
-const PLAIN: Mechanism = {
-  name: 'PLAIN',
-  needsPasswordCheck: false,
-  start: () => {
-    let asked = false;
-    return {
-      step(response) {
-        if (response === undefined) {
-          if (asked) return { kind: 'malformed' };
-          asked = true;
-          return { kind: 'challenge', challenge: EMPTY };
-        }
-        const creds = parsePlain(response);
-        return creds ? { kind: 'done', credentials: creds } : { kind: 'malformed' };
-      },
-    };
-  },
-};
+/**
+ * A mechanism of one client message, parsed by `parse`. Without an initial response the
+ * server asks with an empty challenge (RFC 4616, RFC 7628); asking twice is malformed.
+ * Token mechanisms (`token`) are offered only with auth.oauth.
+ */
+function oneMessage(name: string, parse: (raw: Buffer) => Credentials | undefined, token = false): Mechanism {
+  return {
+    name,
+    needsPasswordCheck: false,
+    ...(token ? { token } : {}),
+    start: () => {
+      let asked = false;
+      return {
+        step(response) {
+          if (response === undefined) {
+            if (asked) return { kind: 'malformed' };
+            asked = true;
+            return { kind: 'challenge', challenge: EMPTY };
+          }
+          const creds = parse(response);
+          return creds ? { kind: 'done', credentials: creds } : { kind: 'malformed' };
+        },
+      };
+    },
+  };
+}
+
+/** RFC 4616: one message, authzid NUL authcid NUL password. */
+const PLAIN = oneMessage('PLAIN', parsePlain);
 
 /**
  * draft-murchison-sasl-login: "Username:" then "Password:". An initial response (some
@@ -76,36 +86,10 @@ const LOGIN: Mechanism = {
   },
 };
 
-/**
- * A one-message mechanism whose message is parsed by `parse` (the token mechanisms). Without
- * an initial response the server asks with an empty challenge, as RFC 7628 says.
- */
-function oneMessage(name: string, parse: (raw: Buffer) => Credentials | undefined): Mechanism {
-  return {
-    name,
-    needsPasswordCheck: false,
-    token: true,
-    start: () => {
-      let asked = false;
-      return {
-        step(response) {
-          if (response === undefined) {
-            if (asked) return { kind: 'malformed' };
-            asked = true;
-            return { kind: 'challenge', challenge: EMPTY };
-          }
-          const creds = parse(response);
-          return creds ? { kind: 'done', credentials: creds } : { kind: 'malformed' };
-        },
-      };
-    },
-  };
-}
-
 /** RFC 7628: GS2 header with the login as authzid, then `auth=Bearer <token>`. */
-const OAUTHBEARER = oneMessage('OAUTHBEARER', parseOauthBearer);
+const OAUTHBEARER = oneMessage('OAUTHBEARER', parseOauthBearer, true);
 /** Google's XOAUTH2 (Outlook, Gmail clients): `user=<login>` and `auth=Bearer <token>`. */
-const XOAUTH2 = oneMessage('XOAUTH2', parseXoauth2);
+const XOAUTH2 = oneMessage('XOAUTH2', parseXoauth2, true);
 
 /** Keyed by upper-case name. */
 export const MECHANISMS: ReadonlyMap<string, Mechanism> = new Map([PLAIN, LOGIN, OAUTHBEARER, XOAUTH2].map((m) => [m.name, m]));
