@@ -11,9 +11,8 @@ import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { freePort } from '../../test/harness/ports.js';
-import { ImapClient } from './imap-client.js';
+import { waitForGreeting } from './imap-client.js';
 import { spawnTracked, stopChild } from './procs.js';
 
 export interface DovecotProxy {
@@ -115,24 +114,7 @@ service lmtp {
   );
   const { child, output } = spawnTracked('dovecot', ['-F', '-c', conf]);
   const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`dovecot proxy exited (${child.exitCode}): ${output()}\n${readLog(log)}`);
-    try {
-      const c = await ImapClient.connect(host, imap, 1000);
-      try {
-        await c.greeting();
-        break;
-      } finally {
-        c.destroy();
-      }
-    } catch {
-      if (Date.now() > deadline) {
-        await stopChild(child);
-        throw new Error(`dovecot proxy did not listen on ${imap}: ${output()}\n${readLog(log)}`);
-      }
-      await sleep(50);
-    }
-  }
+  await waitForGreeting(child, host, imap, deadline, 'dovecot proxy', () => `${output()}\n${readLog(log)}`);
   return { child, pid: child.pid!, host, imap, pop3, lmtp, stop: () => stopChild(child, 10_000) };
 }
 

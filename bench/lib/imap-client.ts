@@ -2,7 +2,10 @@
 // response lines, skips literals by count (a 1 MiB FETCH is never copied or decoded), and
 // resolves a command when its tagged line arrives. No parsing beyond that.
 
+import type { ChildProcess } from 'node:child_process';
 import net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { stopChild } from './procs.js';
 
 export class ImapError extends Error {}
 
@@ -188,5 +191,31 @@ export async function pop3Login(host: string, port: number, user: string, pass: 
     throw e;
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/**
+ * Waits until `host:port` gives an IMAP greeting: how the bench knows a proxy it started is
+ * serving. Throws `describe()` (the child's output) if `child` exits first, and stops the
+ * child and throws if `deadline` (ms since epoch) passes.
+ */
+export async function waitForGreeting(child: ChildProcess, host: string, port: number, deadline: number, name: string, describe: () => string): Promise<void> {
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`${name} exited (${child.exitCode}): ${describe()}`);
+    try {
+      const c = await ImapClient.connect(host, port, 1000);
+      try {
+        await c.greeting();
+        return;
+      } finally {
+        c.destroy();
+      }
+    } catch {
+      if (Date.now() > deadline) {
+        await stopChild(child);
+        throw new Error(`${name} did not listen on ${host}:${port}: ${describe()}`);
+      }
+      await sleep(50);
+    }
   }
 }

@@ -5,7 +5,7 @@ import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ImapClient } from './imap-client.js';
+import { waitForGreeting } from './imap-client.js';
 import { childPids, spawnTracked, stopChild } from './procs.js';
 
 export const NGINX_MAIL_MODULE = '/usr/lib/nginx/modules/ngx_mail_module.so';
@@ -71,24 +71,7 @@ mail {
   );
   const { child, output } = spawnTracked('nginx', ['-p', opts.dir, '-c', conf, '-e', errorLog]);
   const deadline = Date.now() + 15_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`nginx exited (${child.exitCode}): ${output()}\n${readFileSync(errorLog, 'utf8')}`);
-    try {
-      const c = await ImapClient.connect('127.0.0.1', opts.port, 1000);
-      try {
-        await c.greeting();
-        break;
-      } finally {
-        c.destroy();
-      }
-    } catch {
-      if (Date.now() > deadline) {
-        await stopChild(child);
-        throw new Error(`nginx did not start listening on ${opts.port}: ${output()}`);
-      }
-      await sleep(50);
-    }
-  }
+  await waitForGreeting(child, '127.0.0.1', opts.port, deadline, 'nginx', () => `${output()}\n${readFileSync(errorLog, 'utf8')}`);
   const masterPid = child.pid!;
   // With worker_processes auto, wait until every worker is up.
   const want = opts.workers === 'auto' ? 0 : opts.workers;
