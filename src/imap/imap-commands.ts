@@ -22,6 +22,7 @@
 // arithmetic); lines are read a byte at a time with no allocation. The state is a few
 // numbers in one object per IMAP session.
 
+import { CLOSE_BRACE, CR, LF, MAX_LITERAL, NINE, OPEN_BRACE, PLUS, SP, STAR, ZERO } from './bytes.js';
 import { atResponseBoundary, trackFraming, type FramingState } from './imap-framing.js';
 import { capabilitiesIn } from './imap-syntax.js';
 
@@ -54,20 +55,9 @@ const NAMES = ['UNAUTHENTICATE', 'COMPRESS', 'IDLE', 'LOGOUT'].map((n) => Buffer
 const ALL_NAMES = (1 << NAMES.length) - 1;
 const Cmd = { OTHER: 0, UNAUTHENTICATE: 1, COMPRESS: 2, IDLE: 3, LOGOUT: 4 } as const;
 
-/** Counts above this are not literals any client sends (256 TiB). */
-const MAX_LITERAL = 2 ** 48;
 const FNV_OFFSET = 0x811c9dc5;
 const FNV_PRIME = 0x01000193;
 
-const LF = 10;
-const CR = 13;
-const SP = 32;
-const PLUS = 43;
-const STAR = 42;
-const OPEN_BRACE = 123;
-const CLOSE_BRACE = 125;
-const ZERO = 48;
-const NINE = 57;
 /** `OK` as the response head reader packs a status word. */
 const STATUS_OK = ((79 & 0x1f) << 5) | (75 & 0x1f);
 

@@ -8,6 +8,8 @@
 // line end (`indexOf`), a look at the few bytes before it, and skipping literal bytes by
 // arithmetic. No allocation; the state is three numbers kept on the session itself.
 
+import { CLOSE_BRACE, CR, LF, MAX_LITERAL, NINE, OPEN_BRACE, ZERO } from './bytes.js';
+
 /** The state, as plain fields on the owner (the spliced session), not an object of its own. */
 export interface FramingState {
   /** Literal bytes still to come; Infinity once the framing is lost (never a boundary again). */
@@ -33,19 +35,6 @@ export const Mark = {
   /** `{n}` CR */
   CR: 5,
 } as const;
-
-/**
- * Counts above this are not literals any server sends (256 TiB): the framing is taken as
- * lost, which only means that an event closes the connection instead of saying BYE.
- */
-const MAX_LITERAL = 2 ** 48;
-
-const LF = 10;
-const CR = 13;
-const OPEN_BRACE = 123;
-const CLOSE_BRACE = 125;
-const ZERO = 48;
-const NINE = 57;
 
 /** The state of a fresh stream: at a response boundary. */
 export function initialFraming(s: FramingState): void {
@@ -79,6 +68,8 @@ export function trackFraming(s: FramingState, c: Uint8Array): void {
     if (s.mark === Mark.CLOSE || s.mark === Mark.CR) {
       // The line ended with a literal count (a bare LF is taken like CRLF): its data comes
       // next, and after it the same response goes on.
+      // A count past MAX_LITERAL loses the framing: an event then closes the connection
+      // instead of saying BYE, nothing worse.
       s.litLeft = s.markValue > MAX_LITERAL ? Infinity : s.markValue;
       s.mark = Mark.MID;
     } else {
